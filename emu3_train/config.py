@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from omegaconf import MISSING
+
 
 class ConfigError(ValueError):
     """An impossible configuration; the message names the field and its value."""
@@ -39,7 +41,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = "data/demo/train"  # directory of shards: *.tar with their *.idx
+    path: str = MISSING  # directory of shards (*.tar with their *.idx); required
     vocab: str = "demo"  # vocabulary preset of the shards (emu3 | demo)
     seq_len: int = 1024  # tokens per packed row
     micro_batch_size: int = 4  # rows per forward/backward on each data-parallel rank
@@ -133,3 +135,123 @@ def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+_CHOICES = {
+    "model.backend": ("torch",),
+    "model.attn_impl": ("sdpa", "auto"),
+    "model.recompute": ("none", "full"),
+    "data.vocab": ("demo", "emu3"),
+    "data.oversize_policy": ("skip", "error"),
+    "parallel.cp_impl": ("allgather", "ulysses"),
+    "loss.impl": ("auto", "reference", "triton"),
+    "trainer.precision": ("fp32", "bf16"),
+    "trainer.device": ("auto", "cpu", "cuda"),
+    "eval.task": ("none", "digits"),
+    "wandb.mode": ("offline", "online", "disabled"),
+}
+# Values that belong to the design but are not implemented yet: rejected with the reason.
+_NOT_YET = {
+    ("model.backend", "te"): "the Transformer Engine backend needs transformer-engine (pip extra 'gpu') "
+                             "and is not implemented yet",
+    ("model.attn_impl", "flex"): "flex attention is GPU-only and not implemented yet; use sdpa",
+    ("model.attn_impl", "varlen"): "varlen attention is GPU-only and not implemented yet; use sdpa",
+    ("model.recompute", "selective"): "selective recompute is not implemented yet; use none or full",
+}
+
+
+def _get(cfg, dotted: str):
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def resolve_dp(cfg: TrainConfig, world_size: int) -> int:
+    """The data-parallel size: ``parallel.dp``, or world_size / (cp * tp) when it is ``auto``."""
+    p = cfg.parallel
+    if p.dp == "auto":
+        if world_size % (p.cp * p.tp):
+            raise ConfigError(f"world size {world_size} is not divisible by parallel.cp * parallel.tp "
+                              f"= {p.cp} * {p.tp}")
+        return world_size // (p.cp * p.tp)
+    if not isinstance(p.dp, int) or p.dp < 1:
+        raise ConfigError(f"parallel.dp must be a positive integer or 'auto', got {p.dp!r}")
+    return p.dp
+
+
+def validate(cfg: TrainConfig, world_size: int = 1, vocab_size: int | None = None) -> None:
+    """Reject impossible configurations, naming the field. Allocates nothing.
+
+    ``vocab_size`` is the size of the data vocabulary preset (model.vocab_size must cover it).
+    """
+    for name, allowed in _CHOICES.items():
+        value = _get(cfg, name)
+        if (name, value) in _NOT_YET:
+            raise ConfigError(f"{name}={value}: {_NOT_YET[name, value]}")
+        if value not in allowed:
+            raise ConfigError(f"{name}={value!r} is not one of {list(allowed)}")
+
+    m, d, p, o, t = cfg.model, cfg.data, cfg.parallel, cfg.optim, cfg.trainer
+    positive = {
+        "model.hidden_size": m.hidden_size, "model.intermediate_size": m.intermediate_size,
+        "model.num_layers": m.num_layers, "model.num_heads": m.num_heads,
+        "model.num_kv_heads": m.num_kv_heads, "data.seq_len": d.seq_len,
+        "data.micro_batch_size": d.micro_batch_size, "data.global_batch_size": d.global_batch_size,
+        "data.pack_window": d.pack_window, "parallel.cp": p.cp, "parallel.tp": p.tp,
+        "parallel.timeout_s": p.timeout_s, "trainer.max_steps": t.max_steps,
+        "trainer.log_interval": t.log_interval, "loss.chunk_size": cfg.loss.chunk_size,
+        "trainer.max_bad_steps": t.max_bad_steps,
+    }
+    for name, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    if m.hidden_size % m.num_heads:
+        raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by "
+                          f"model.num_heads={m.num_heads}")
+    if (m.hidden_size // m.num_heads) % 2:
+        raise ConfigError(f"head dim model.hidden_size/model.num_heads = {m.hidden_size // m.num_heads} "
+                          "must be even for RoPE")
+    if m.num_heads % m.num_kv_heads:
+        raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by "
+                          f"model.num_kv_heads={m.num_kv_heads}")
+    if vocab_size is not None and m.vocab_size is not None and m.vocab_size < vocab_size:
+        raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than vocabulary "
+                          f"'{d.vocab}' ({vocab_size} ids)")
+    if d.seq_len > m.max_position_embeddings:
+        raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings="
+                          f"{m.max_position_embeddings}")
+    if not 0.0 <= m.attention_dropout < 1.0:
+        raise ConfigError(f"model.attention_dropout must be in [0, 1), got {m.attention_dropout}")
+    if o.lr <= 0 or not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.lr must be > 0 and optim.min_lr_ratio in [0, 1], got lr={o.lr}, "
+                          f"min_lr_ratio={o.min_lr_ratio}")
+    if o.warmup_steps < 0 or o.warmup_steps > t.max_steps:
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be in [0, trainer.max_steps="
+                          f"{t.max_steps}]")
+    if o.grad_clip < 0:
+        raise ConfigError(f"optim.grad_clip must be >= 0, got {o.grad_clip}")
+    if cfg.loss.vision_weight < 0:
+        raise ConfigError(f"loss.vision_weight must be >= 0, got {cfg.loss.vision_weight}")
+
+    dp = resolve_dp(cfg, world_size)
+    if dp * p.cp * p.tp != world_size:
+        raise ConfigError(f"parallel.dp * parallel.cp * parallel.tp = {dp} * {p.cp} * {p.tp} "
+                          f"!= world size {world_size}")
+    if m.num_heads % p.tp or m.num_kv_heads % p.tp:
+        raise ConfigError(f"model.num_heads={m.num_heads} and model.num_kv_heads={m.num_kv_heads} "
+                          f"must be divisible by parallel.tp={p.tp}")
+    if (p.cp > 1 or p.tp > 1) and d.seq_len % (2 * p.cp * p.tp):
+        raise ConfigError(f"data.seq_len={d.seq_len} must be divisible by 2 * parallel.cp * "
+                          f"parallel.tp = {2 * p.cp * p.tp}")
+    if d.global_batch_size % (d.micro_batch_size * dp):
+        raise ConfigError(f"data.global_batch_size={d.global_batch_size} is not divisible by "
+                          f"data.micro_batch_size * dp = {d.micro_batch_size} * {dp}")
+    if p.cp > 1 or p.tp > 1 or world_size > 1:
+        raise ConfigError(f"parallel: dp={dp}, cp={p.cp}, tp={p.tp} (world size {world_size}): only "
+                          "single-process training is implemented yet; use parallel=single")
+
+
+def grad_accum_steps(cfg: TrainConfig, dp: int) -> int:
+    """Micro-batches per optimizer step on each rank."""
+    return cfg.data.global_batch_size // (cfg.data.micro_batch_size * dp)

@@ -1,0 +1,106 @@
+"""The packed-batch contract (DESIGN.md §4, "Packed batch"): rows of pieces -> model inputs.
+
+:func:`build_batch` returns a plain dict; B rows of S = ``seq_len`` tokens each. A *segment* is
+one piece (a whole document, or a part of one split by packing) or the padding tail of a row.
+
+===============  ==============  ==================================================================
+key              type            meaning
+===============  ==============  ==================================================================
+tokens           int64 [B, S]    token ids; the padding tail of a row holds ``vocab.pad``
+labels           int64 [B, S]    ``tokens[b, t+1]`` when t+1 lies in the same piece, else -100
+                                 (the last token of every piece, and all padding)
+loss_weight      float32 [B, S]  0 where labels == -100; visual-code target (``labels >=
+                                 vocab.vision_start``) -> ``vision_weight``, or 0 in understanding
+                                 documents (task in ``format.UNDERSTANDING_TASKS``); else 1.0
+position_ids     int64 [B, S]    0, 1, 2, ... restarting at every segment (pieces and padding)
+cu_seqlens       int32 [K+1]     segment boundaries over the flattened ``B*S`` tokens, row-major:
+                                 ``cu_seqlens[0] == 0``, ``cu_seqlens[-1] == B*S``, K segments
+max_seqlen       int             longest segment (tokens)
+num_docs         int             pieces (document segments) in the batch
+num_pad          int             padding tokens
+num_vision       int             visual-code tokens among ``tokens``
+num_tokens       int             non-padding tokens (``B*S - num_pad``)
+===============  ==============  ==================================================================
+
+Tensors are CPU torch tensors; ``batch_to(batch, device)`` moves them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from emu3_train.data.packing import Piece
+from emu3_train.vocab import Vocab
+
+IGNORE_INDEX = -100
+TENSOR_KEYS = ("tokens", "labels", "loss_weight", "position_ids", "cu_seqlens")
+
+
+def build_batch(
+    rows: Sequence[Sequence[Piece]],
+    tokens: Mapping[int, np.ndarray],
+    understanding: Container[int],
+    seq_len: int,
+    vocab: Vocab,
+    vision_weight: float = 0.5,
+) -> dict:
+    """The batch dict (module docstring) of ``rows``.
+
+    ``tokens[doc_id]``: the whole document's ids; ``understanding``: the doc ids whose visual
+    tokens are inputs only (weight 0 as targets).
+    """
+    if not rows:
+        raise ValueError("a batch needs at least one row")
+    b, s = len(rows), seq_len
+    tok = np.full((b, s), vocab.pad, np.int64)
+    lab = np.full((b, s), IGNORE_INDEX, np.int64)
+    pos = np.zeros((b, s), np.int64)
+    und = np.zeros((b, s), bool)
+    bounds, num_docs, num_pad = [], 0, 0
+    for r, row in enumerate(rows):
+        o = 0
+        for piece in row:
+            doc = tokens[piece.doc_id]
+            n = piece.end - piece.start
+            if not 0 <= piece.start < piece.end <= len(doc):
+                raise ValueError(f"piece {piece} lies outside document {piece.doc_id} of {len(doc)} tokens")
+            if o + n > s:
+                raise ValueError(f"row {r} holds more than seq_len {s} tokens")
+            ids = doc[piece.start:piece.end]
+            tok[r, o:o + n] = ids
+            lab[r, o:o + n - 1] = ids[1:]
+            pos[r, o:o + n] = np.arange(n)
+            und[r, o:o + n] = piece.doc_id in understanding
+            bounds.append(r * s + o)
+            num_docs += 1
+            o += n
+        if o < s:  # the padding tail is its own segment
+            pos[r, o:] = np.arange(s - o)
+            bounds.append(r * s + o)
+            num_pad += s - o
+    bounds.append(b * s)
+    cu = np.array(bounds, np.int32)
+    vision_target = lab >= vocab.vision_start
+    weight = np.where(vision_target, np.where(und, 0.0, vision_weight), 1.0).astype(np.float32)
+    weight[lab == IGNORE_INDEX] = 0.0
+    return {
+        "tokens": torch.from_numpy(tok),
+        "labels": torch.from_numpy(lab),
+        "loss_weight": torch.from_numpy(weight),
+        "position_ids": torch.from_numpy(pos),
+        "cu_seqlens": torch.from_numpy(cu),
+        "max_seqlen": int((cu[1:] - cu[:-1]).max()),
+        "num_docs": num_docs,
+        "num_pad": num_pad,
+        "num_vision": int(vocab.is_vision(tok).sum()),
+        "num_tokens": b * s - num_pad,
+    }
+
+
+def batch_to(batch: dict, device, non_blocking: bool = False) -> dict:
+    """A copy of ``batch`` with its tensors on ``device`` (ints stay ints)."""
+    return {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}

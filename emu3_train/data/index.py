@@ -1,0 +1,242 @@
+"""The per-shard index ``X.idx`` next to each shard ``X.tar``: where every sample's payloads lie.
+
+With it any rank plans packing from token counts and vision spans alone, and reads any sample
+by seeking to its byte offset (DESIGN.md §4, "Shard sample").
+
+Format (``FORMAT_VERSION`` 1): an ``np.savez`` zip of plain arrays, read with
+``allow_pickle=False``. N samples in tar order, M vision blocks in total:
+
+============== =============== =================================================================
+array          dtype, shape    meaning
+============== =============== =================================================================
+format_version int64 []        1
+vocab_name     unicode []      vocabulary preset the ids were checked against
+vocab_size     int64 []        its size (ids are in ``[0, vocab_size)``)
+shard_size     int64 []        byte size of the tar when indexed (a changed tar = stale index)
+keys           unicode [N]     sample keys
+tokens_offset  int64 [N]       byte offset of the ``KEY.tokens.npy`` payload in the tar
+tokens_size    int64 [N]       its size in bytes (npy header included)
+meta_offset    int64 [N]       byte offset of the ``KEY.json`` payload
+meta_size      int64 [N]       its size in bytes
+lengths        int64 [N]       token count of the document
+tasks          int8 [N]        index into ``format.TASKS``
+span_offsets   int64 [N+1]     sample i's vision blocks are ``spans[span_offsets[i]:span_offsets[i+1]]``
+spans          int64 [M, 2]    ``[start, end)`` token positions of each block (SOV .. EOV inclusive)
+============== =============== =================================================================
+
+Build and write: ``write_index(build_index("shard-000000.tar", vocab))``; the CLI is
+``python -m emu3_train.data_pipelines.write_shards --reindex DIR --vocab NAME``.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from emu3_train.data.format import (
+    META_SUFFIX,
+    TASKS,
+    TOKENS_SUFFIX,
+    check_tokens,
+    decode_meta,
+    decode_tokens,
+)
+from emu3_train.vocab import Vocab
+
+FORMAT_VERSION = 1
+_ARRAYS = ("keys", "tokens_offset", "tokens_size", "meta_offset", "meta_size", "lengths", "tasks")
+
+
+class ShardError(ValueError):
+    """A shard or its index is unusable; the message names the file and, if known, the sample key."""
+
+
+def index_path(tar_path: str | os.PathLike) -> Path:
+    """``X.idx`` for shard ``X.tar``."""
+    return Path(tar_path).with_suffix(".idx")
+
+
+def reindex_hint(tar_path: Path, vocab_name: str) -> str:
+    return (f"rebuild it with `python -m emu3_train.data_pipelines.write_shards --reindex "
+            f"{tar_path.parent} --vocab {vocab_name}`")
+
+
+@dataclass
+class Index:
+    """The index of one shard; see the module docstring for every array."""
+
+    path: Path  # the shard X.tar this index describes
+    vocab_name: str
+    vocab_size: int
+    shard_size: int
+    keys: np.ndarray
+    tokens_offset: np.ndarray
+    tokens_size: np.ndarray
+    meta_offset: np.ndarray
+    meta_size: np.ndarray
+    lengths: np.ndarray
+    tasks: np.ndarray
+    span_offsets: np.ndarray
+    spans: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def vision_spans(self, i: int) -> np.ndarray:
+        """``[m, 2]`` ``[start, end)`` vision blocks of sample ``i``."""
+        return self.spans[self.span_offsets[i]:self.span_offsets[i + 1]]
+
+    def describe(self, i: int) -> str:
+        """``"path/shard.tar: sample 'key'"``, the prefix of every error about sample ``i``."""
+        return f"{self.path}: sample {str(self.keys[i])!r}"
+
+
+def _end_marker_ok(f, offset: int) -> bool:
+    """A complete tar ends with two zero blocks at ``offset`` (tarfile stops silently without them)."""
+    f.seek(offset)
+    tail = f.read(1024)
+    return len(tail) == 1024 and not any(tail)
+
+
+def build_index(tar_path: str | os.PathLike, vocab: Vocab) -> Index:
+    """Scan and validate every sample of the uncompressed tar ``tar_path``.
+
+    Raises ``ShardError`` (naming the shard and the sample key) on a missing member, an unexpected
+    member, a duplicate key, tokens that are not int32 1-D, ids outside ``vocab``, a malformed
+    vision block or bad JSON; and (naming the shard) on a truncated or corrupt tar.
+    """
+    tar_path = Path(tar_path)
+    if not tar_path.is_file():
+        raise FileNotFoundError(f"shard not found: {tar_path}")
+    rows: list[tuple] = []
+    spans: list[np.ndarray] = []
+    seen: set[str] = set()
+
+    def finish(key: str, members: dict) -> None:
+        where = f"{tar_path}: sample {key!r}"
+        for suffix in (TOKENS_SUFFIX, META_SUFFIX):
+            if suffix not in members:
+                raise ShardError(f"{where}: member {key}.{suffix} is missing")
+        tok_ti, tok_data = members[TOKENS_SUFFIX]
+        meta_ti, meta_data = members[META_SUFFIX]
+        try:
+            tokens = decode_tokens(tok_data)
+            doc_spans = check_tokens(tokens, vocab)
+            meta = decode_meta(meta_data)
+        except ValueError as e:
+            raise ShardError(f"{where}: {e}") from None
+        rows.append((key, tok_ti.offset_data, tok_ti.size, meta_ti.offset_data, meta_ti.size,
+                     len(tokens), TASKS.index(meta["task"])))
+        spans.append(doc_spans)
+
+    try:
+        with open(tar_path, "rb") as f:
+            with tarfile.open(fileobj=f, mode="r:") as tf:
+                key, members = None, {}
+                for ti in tf:
+                    name_key, _, suffix = ti.name.partition(".")
+                    if not ti.isfile() or suffix not in (TOKENS_SUFFIX, META_SUFFIX):
+                        raise ShardError(f"{tar_path}: sample {name_key!r}: unexpected member {ti.name!r} "
+                                         f"(expected KEY.{TOKENS_SUFFIX} and KEY.{META_SUFFIX})")
+                    if name_key != key:
+                        if key is not None:
+                            finish(key, members)
+                        if name_key in seen:
+                            raise ShardError(f"{tar_path}: sample {name_key!r}: key appears twice "
+                                             "(or its members are not adjacent)")
+                        seen.add(name_key)
+                        key, members = name_key, {}
+                    if suffix in members:
+                        raise ShardError(f"{tar_path}: sample {key!r}: member {ti.name!r} appears twice")
+                    members[suffix] = (ti, tf.extractfile(ti).read())
+                    if len(members[suffix][1]) != ti.size:
+                        raise tarfile.ReadError(f"member {ti.name!r} is cut short")
+                if key is not None:
+                    finish(key, members)
+                end = tf.offset
+            if not _end_marker_ok(f, end):
+                raise tarfile.ReadError(f"no end-of-archive marker at byte {end} (truncated, or a "
+                                        "corrupt header)")
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ShardError(f"{tar_path}: not a complete uncompressed tar: {e}") from None
+    if not rows:
+        raise ShardError(f"{tar_path}: shard holds no samples")
+    cols = list(zip(*rows))
+    counts = np.array([len(s) for s in spans], np.int64)
+    return Index(
+        path=tar_path, vocab_name=vocab.name, vocab_size=vocab.size,
+        shard_size=tar_path.stat().st_size,
+        keys=np.array(cols[0], dtype=str),
+        tokens_offset=np.array(cols[1], np.int64), tokens_size=np.array(cols[2], np.int64),
+        meta_offset=np.array(cols[3], np.int64), meta_size=np.array(cols[4], np.int64),
+        lengths=np.array(cols[5], np.int64), tasks=np.array(cols[6], np.int8),
+        span_offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        spans=np.concatenate(spans).astype(np.int64).reshape(-1, 2),
+    )
+
+
+def write_index(index: Index, path: str | os.PathLike | None = None) -> Path:
+    """Write ``index`` to ``path`` (default: next to its shard, ``X.idx``) atomically; returns the path."""
+    path = Path(path) if path is not None else index_path(index.path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+        np.savez(f, format_version=np.int64(FORMAT_VERSION), vocab_name=np.array(index.vocab_name),
+                 vocab_size=np.int64(index.vocab_size), shard_size=np.int64(index.shard_size),
+                 span_offsets=index.span_offsets, spans=index.spans,
+                 **{name: getattr(index, name) for name in _ARRAYS})
+    os.replace(tmp, path)
+    return path
+
+
+def read_index(tar_path: str | os.PathLike, vocab: Vocab | None = None) -> Index:
+    """The index of shard ``tar_path``, checked against the format version, ``vocab`` and the tar's size.
+
+    Raises ``FileNotFoundError`` (with the command that builds it) if ``X.idx`` is missing, and
+    ``ShardError`` if it is unreadable, of another format version or vocabulary, or stale.
+    """
+    tar_path = Path(tar_path)
+    idx = index_path(tar_path)
+    hint = reindex_hint(tar_path, vocab.name if vocab is not None else "NAME")
+    if not idx.is_file():
+        raise FileNotFoundError(f"{idx}: index of shard {tar_path} not found; {hint}")
+    try:
+        with np.load(idx, allow_pickle=False) as z:
+            data = {name: z[name] for name in z.files}
+    except Exception as e:  # zipfile/numpy raise many types on a damaged file
+        raise ShardError(f"{idx}: unreadable index ({e}); {hint}") from None
+    version = int(data.get("format_version", -1))
+    if version != FORMAT_VERSION:
+        raise ShardError(f"{idx}: index format version {version}, expected {FORMAT_VERSION}; {hint}")
+    try:
+        index = Index(path=tar_path, vocab_name=str(data["vocab_name"]), vocab_size=int(data["vocab_size"]),
+                      shard_size=int(data["shard_size"]), span_offsets=data["span_offsets"],
+                      spans=data["spans"], **{name: data[name] for name in _ARRAYS})
+    except KeyError as e:
+        raise ShardError(f"{idx}: index lacks array {e}; {hint}") from None
+    n = len(index.keys)
+    if any(len(getattr(index, a)) != n for a in _ARRAYS) or len(index.span_offsets) != n + 1 \
+            or index.spans.shape != (int(index.span_offsets[-1]), 2):
+        raise ShardError(f"{idx}: index arrays have inconsistent lengths; {hint}")
+    if vocab is not None and (index.vocab_name, index.vocab_size) != (vocab.name, vocab.size):
+        raise ShardError(f"{idx}: indexed for vocabulary {index.vocab_name!r} (size {index.vocab_size}), "
+                         f"but vocabulary {vocab.name!r} (size {vocab.size}) was asked for")
+    if not tar_path.is_file():
+        raise FileNotFoundError(f"shard not found: {tar_path} (its index {idx} exists)")
+    size = tar_path.stat().st_size
+    if size != index.shard_size:
+        raise ShardError(f"{idx}: stale index: shard {tar_path} is {size} bytes, indexed at "
+                         f"{index.shard_size}; {hint}")
+    return index
+
+
+def index_shards(shard_dir: str | os.PathLike, vocab: Vocab) -> list[Path]:
+    """Build and write the index of every ``*.tar`` in ``shard_dir``; returns the ``.idx`` paths."""
+    shard_dir = Path(shard_dir)
+    tars = sorted(shard_dir.glob("*.tar"))
+    if not tars:
+        raise FileNotFoundError(f"no *.tar shards in {shard_dir}")
+    return [write_index(build_index(t, vocab)) for t in tars]

@@ -1,0 +1,150 @@
+"""Grouped-query self-attention over packed documents, with a swappable attention core.
+
+The attention module owns the projections and RoPE; the *core* computes
+``softmax(q k^T / sqrt(D) + document-causal mask) v``. Context parallelism (and later flash/flex
+backends) replace ``Attention.core`` with another object of the same interface, so this module
+never imports anything parallel:
+
+    core.forward(q [B, S, Hq, D], k [B, S, Hkv, D], v [B, S, Hkv, D], docs) -> [B, S, Hq, D]
+
+``docs`` is a :class:`DocumentLayout`, built once per decoder forward and shared by every layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from emu3_train.config import ConfigError, ModelConfig
+from emu3_train.model.rope import apply_rope
+
+
+class DocumentLayout:
+    """Which document each token of a packed [B, S] batch belongs to.
+
+    Built from ``cu_seqlens`` (int, [D + 1]): document boundaries over the flattened B*S tokens,
+    starting at 0 and ending at B*S; each row's padding is its own segment. Attention is
+    restricted to row r and document d and is causal; a row end always ends a document, even if
+    ``cu_seqlens`` does not list it, because the mask never crosses rows.
+
+    Attributes:
+        cu_seqlens: the boundaries as given, [D + 1].
+        doc_ids: int64 [B, S], index of each token's segment in ``cu_seqlens``.
+        position_ids: int64 [B, S], token position within its document.
+    """
+
+    def __init__(self, cu_seqlens: torch.Tensor, position_ids: torch.Tensor):
+        if position_ids.dim() != 2:
+            raise ValueError(f"position_ids must be [B, S], got shape {tuple(position_ids.shape)}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
+            raise ValueError(f"cu_seqlens must be an integer [D + 1] tensor, got {cu_seqlens.dtype} "
+                             f"of shape {tuple(cu_seqlens.shape)}")
+        batch, seq = position_ids.shape
+        # Asserted without a host sync on GPU; raises at once on CPU.
+        torch._assert_async(cu_seqlens[0] == 0, "cu_seqlens must start at 0")
+        torch._assert_async(cu_seqlens[-1] == batch * seq, "cu_seqlens must end at B * S")
+        flat = torch.arange(batch * seq, device=cu_seqlens.device)
+        bounds = cu_seqlens[1:].to(torch.int64)
+        self.cu_seqlens = cu_seqlens
+        self.doc_ids = torch.searchsorted(bounds, flat, right=True).view(batch, seq)
+        self.position_ids = position_ids
+        self._mask: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(B, S) of the batch."""
+        return tuple(self.doc_ids.shape)
+
+    def causal_mask(self) -> torch.Tensor:
+        """bool [B, 1, S, S], True where query i may attend key j (same document, j <= i).
+
+        Computed on first use and cached, so cores that do not need a dense mask never build it.
+        """
+        if self._mask is None:
+            seq = self.doc_ids.shape[1]
+            same_doc = self.doc_ids[:, :, None] == self.doc_ids[:, None, :]
+            causal = torch.ones(seq, seq, dtype=torch.bool, device=self.doc_ids.device).tril()
+            self._mask = (same_doc & causal).unsqueeze(1)
+        return self._mask
+
+
+class SdpaCore(nn.Module):
+    """Attention core on ``torch.nn.functional.scaled_dot_product_attention`` with a dense mask.
+
+    Runs everywhere (CPU included, with grads). Memory is O(B * S^2) for the boolean mask.
+    ``dropout`` is the probability of dropping an attention weight, applied only in training.
+    """
+
+    def __init__(self, dropout: float = 0.0):
+        super().__init__()
+        self.dropout = dropout
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: DocumentLayout) -> torch.Tensor:
+        """q [B, S, Hq, D], k/v [B, S, Hkv, D] (Hkv divides Hq) -> [B, S, Hq, D]."""
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=docs.causal_mask(),
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=q.shape[2] != k.shape[2],
+        )
+        return out.transpose(1, 2)
+
+    def extra_repr(self) -> str:
+        return f"dropout={self.dropout}"
+
+
+ATTN_IMPLS = ("sdpa", "auto", "flex", "varlen")
+
+
+def build_attention_core(cfg: ModelConfig) -> nn.Module:
+    """The attention core named by ``cfg.attn_impl`` (``auto`` means sdpa for now)."""
+    impl = cfg.attn_impl
+    if impl in ("sdpa", "auto"):
+        return SdpaCore(dropout=cfg.attention_dropout)
+    if impl in ("flex", "varlen"):
+        raise ValueError(f"model.attn_impl={impl!r} is not implemented yet; use 'sdpa' or 'auto'")
+    raise ValueError(f"model.attn_impl={impl!r} is unknown; choose one of {ATTN_IMPLS}")
+
+
+class Attention(nn.Module):
+    """Emu3/Llama self-attention: q/k/v projections, RoPE, the core, the output projection.
+
+    No biases. Parameter names match HF ``Emu3Attention`` (q_proj, k_proj, v_proj, o_proj);
+    the core holds no parameters.
+    """
+
+    def __init__(self, cfg: ModelConfig, core: nn.Module | None = None):
+        super().__init__()
+        if cfg.hidden_size % cfg.num_heads:
+            raise ConfigError(f"model.hidden_size={cfg.hidden_size} is not divisible by "
+                              f"model.num_heads={cfg.num_heads}")
+        if cfg.num_heads % cfg.num_kv_heads:
+            raise ConfigError(f"model.num_kv_heads={cfg.num_kv_heads} must divide "
+                              f"model.num_heads={cfg.num_heads}")
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+        if self.head_dim % 2:
+            raise ConfigError(f"head dim model.hidden_size / model.num_heads = {self.head_dim} "
+                              "must be even for RoPE")
+        h, d = cfg.hidden_size, self.head_dim
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=False)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
+        self.core = core if core is not None else build_attention_core(cfg)
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], docs: DocumentLayout
+    ) -> torch.Tensor:
+        """x [B, S, H], rope = (cos, sin) [B, S, D] -> [B, S, H]."""
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, -1, self.head_dim)
+        k = self.k_proj(x).view(b, s, -1, self.head_dim)
+        v = self.v_proj(x).view(b, s, -1, self.head_dim)
+        q, k = apply_rope(q, k, *rope)
+        out = self.core(q, k, v, docs)
+        return self.o_proj(out.reshape(b, s, -1))

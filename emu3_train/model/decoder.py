@@ -1,0 +1,191 @@
+"""The Emu3 decoder: a Llama-style transformer identical to HF ``Emu3ForCausalLM``'s text model.
+
+RMSNorm, SwiGLU MLP, grouped-query attention with rotate-half RoPE, untied input embedding and
+output head, no biases, dropout ``model.attention_dropout`` on attention weights and on both
+residual branches (as HF's ``Emu3DecoderLayer``). Parameter names equal HF's state dict
+(``model.embed_tokens.weight``, ``model.layers.N.self_attn.q_proj.weight``, ..., ``lm_head.weight``)
+so export and import are rename-free.
+
+The model is plain: no parallel code. Activation recompute is a pass (:func:`apply_recompute`)
+that ``parallel/parallelize.py`` applies like the others.
+
+    model = Emu3CausalLM(cfg.model, vocab_size=get_vocab("demo").size)
+    hidden = model(tokens, position_ids, cu_seqlens)          # [B, S, H], final norm applied
+    loss_sum, stats = weighted_ce(hidden, model.lm_head.weight, labels, loss_weight, ...)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from emu3_train.config import ConfigError, ModelConfig
+from emu3_train.model.attention import Attention, DocumentLayout
+from emu3_train.model.rope import rope_cos_sin
+
+RECOMPUTE_MODES = ("none", "full")
+
+
+class RMSNorm(nn.Module):
+    """``weight * x / sqrt(mean(x^2) + eps)``, normalized in fp32 and cast back first (as HF)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., H] -> [..., H]."""
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class MLP(nn.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``, [B, S, H] -> [B, S, H]."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: ``x + drop(attn(norm(x)))`` then ``x + drop(mlp(norm(x)))``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.dropout = nn.Dropout(cfg.attention_dropout)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, docs: DocumentLayout):
+        """x [B, S, H], cos/sin [B, S, D] -> [B, S, H]."""
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), (cos, sin), docs))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class Decoder(nn.Module):
+    """Embedding, ``cfg.num_layers`` decoder layers, final RMSNorm (HF ``Emu3TextModel``).
+
+    Args:
+        cfg: the ``model`` config section.
+        vocab_size: embedding rows (the resolved ``model.vocab_size`` or the data vocabulary's).
+    """
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        if vocab_size <= 0:
+            raise ConfigError(f"model.vocab_size must be positive, got {vocab_size}")
+        self.rope_theta = cfg.rope_theta
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+        self.init_std = cfg.init_std
+        self.recompute = "none"  # set by apply_recompute
+        self.embed_tokens = nn.Embedding(vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Every Linear/Embedding weight ~ N(0, model.init_std); every norm weight = 1.
+
+        Also the re-init after building on the meta device and ``to_empty``.
+        """
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=self.init_std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def forward(
+        self, tokens: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor
+    ) -> torch.Tensor:
+        """tokens, position_ids int64 [B, S]; cu_seqlens int32 [D + 1] over the flattened B*S
+        tokens (see :class:`DocumentLayout`) -> hidden [B, S, H] after the final norm."""
+        if tokens.shape != position_ids.shape:
+            raise ValueError(f"tokens {tuple(tokens.shape)} and position_ids "
+                             f"{tuple(position_ids.shape)} must have the same [B, S] shape")
+        docs = DocumentLayout(cu_seqlens, position_ids)
+        x = self.embed_tokens(tokens)
+        cos, sin = rope_cos_sin(position_ids, self.head_dim, self.rope_theta, dtype=x.dtype)
+        recompute = self.recompute == "full" and torch.is_grad_enabled()
+        for layer in self.layers:
+            if recompute:
+                x = checkpoint(layer, x, cos, sin, docs, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, docs)
+        return self.norm(x)
+
+
+class Emu3CausalLM(nn.Module):
+    """``model`` (the :class:`Decoder`) plus an untied ``lm_head`` [V, H], as HF ``Emu3ForCausalLM``.
+
+    ``forward`` returns hidden states, not logits: the loss consumes them with ``lm_head.weight``
+    in a fused kernel so [B, S, V] logits never exist. Use :meth:`logits` for small batches.
+    """
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.model = Decoder(cfg, vocab_size)
+        self.lm_head = nn.Linear(cfg.hidden_size, vocab_size, bias=False)
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=cfg.init_std)  # the decoder inits itself
+
+    def init_weights(self) -> None:
+        """Re-initialize every parameter (see :meth:`Decoder.init_weights`)."""
+        self.model.init_weights()
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=self.model.init_std)
+
+    def forward(
+        self, tokens: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor
+    ) -> torch.Tensor:
+        """Same as :meth:`Decoder.forward`: -> hidden [B, S, H]."""
+        return self.model(tokens, position_ids, cu_seqlens)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., H] -> logits [..., V] (for sampling and evaluation)."""
+        return self.lm_head(hidden)
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        """Number of parameters; without the input embedding table if ``exclude_embedding``."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.model.embed_tokens.weight.numel() if exclude_embedding else n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token at row length ``seq_len`` (tokens): ``6 N + 12 L H S``.
+
+        N excludes the embedding lookup (the output head is a matmul and counts); the attention
+        term counts the full S x S score and value matmuls (PaLM / torchtitan convention; causal
+        and document masking make the true count smaller).
+        """
+        layers = len(self.model.layers)
+        attn = self.model.layers[0].self_attn if layers else None
+        width = attn.num_heads * attn.head_dim if attn is not None else 0
+        return 6.0 * self.num_params(exclude_embedding=True) + 12.0 * layers * width * seq_len
+
+
+def apply_recompute(model: nn.Module, mode: str) -> None:
+    """Activation recompute pass: ``mode`` is ``model.recompute`` (none | full).
+
+    ``full`` recomputes each decoder layer in backward (``torch.utils.checkpoint``,
+    non-reentrant, RNG state preserved so dropout masks match). Parameter names are unchanged.
+    Accepts an :class:`Emu3CausalLM` or a :class:`Decoder`.
+    """
+    if mode not in RECOMPUTE_MODES:
+        hint = " ('selective' is not implemented yet)" if mode == "selective" else ""
+        raise ConfigError(f"model.recompute={mode!r} is not supported{hint}; choose one of "
+                          f"{RECOMPUTE_MODES}")
+    decoder = model.model if isinstance(model, Emu3CausalLM) else model
+    if not isinstance(decoder, Decoder):
+        raise TypeError(f"apply_recompute expects Emu3CausalLM or Decoder, got {type(model).__name__}")
+    decoder.recompute = mode

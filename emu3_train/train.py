@@ -1,0 +1,63 @@
+"""Entry point: ``python -m emu3_train.train [hydra overrides]`` (also under torchrun).
+
+    python -m emu3_train.train experiment=demo
+    python -m emu3_train.train experiment=stage1 model=emu3_8b data=shards data.path=/path/to/shards
+    python -m emu3_train.train experiment=demo trainer.max_steps=50 wandb.mode=disabled
+
+Configuration and data errors end the run before any tensor is allocated with one line naming the
+field or file, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from emu3_train.config import ConfigError, register_configs
+from emu3_train.data.index import ShardError
+from emu3_train.recipes import recipes_dir, to_config
+from emu3_train.trainer import TrainingError, run_training
+
+# Only rank 0 writes Hydra's output files (NOTES.md).
+_NON_ZERO_RANK_OVERRIDES = ["hydra.output_subdir=null", "hydra/job_logging=stdout",
+                            "hydra/hydra_logging=disabled"]
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+@hydra.main(config_path=str(recipes_dir()), config_name="train", version_base="1.3")
+def _hydra_main(dcfg: DictConfig) -> None:
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        cfg = to_config(dcfg)
+    except ConfigError as e:
+        _fail(str(e))
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(dcfg, resolve=True))
+    try:
+        run_training(cfg, run_dir, rank, world)
+    except (ConfigError, ShardError, FileNotFoundError, TrainingError) as e:
+        _fail(str(e))
+
+
+@record
+def main() -> None:
+    register_configs()
+    if int(os.environ.get("RANK", 0)) != 0:
+        sys.argv += _NON_ZERO_RANK_OVERRIDES
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

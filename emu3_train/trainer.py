@@ -1,0 +1,215 @@
+"""The training loop, read top to bottom like the recipe: data -> model -> weighted CE -> AdamW.
+
+Everything that can be wrong with the configuration or the data is checked in :meth:`Trainer.setup`
+before the model is allocated. One optimizer step = ``grad_accum`` micro-batches; the loss of a
+step is Σ loss_weight·CE over all its micro-batches divided by their total loss weight (DESIGN.md
+§4), so text tokens weigh 1.0, visual-code targets ``loss.vision_weight`` and understanding-image
+targets 0.
+
+    python -m emu3_train.train experiment=demo
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from emu3_train.checkpoint import load_weights, save_checkpoint
+from emu3_train.config import TrainConfig, grad_accum_steps, resolve_dp, validate
+from emu3_train.data.loader import PackedLoader
+from emu3_train.data.stream import ShardSet
+from emu3_train.loss import class_means, weighted_ce
+from emu3_train.metrics import MetricLogger, format_summary
+from emu3_train.model.decoder import Emu3CausalLM
+from emu3_train.optim import build_optimizer, build_scheduler
+from emu3_train.vocab import get_vocab
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many consecutive non-finite steps)."""
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("trainer.device=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+class Trainer:
+    """Builds everything from a :class:`TrainConfig` and runs ``trainer.max_steps`` steps."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, rank: int = 0, world_size: int = 1):
+        self.cfg, self.run_dir, self.rank, self.world_size = cfg, Path(run_dir), rank, world_size
+        self.is_rank0 = rank == 0
+
+    # -- setup: validate and open the data before allocating any tensor -------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.vocab = get_vocab(cfg.data.vocab)
+        validate(cfg, self.world_size, self.vocab.size)
+        self.dp = resolve_dp(cfg, self.world_size)
+        self.accum = grad_accum_steps(cfg, self.dp)
+        shards = ShardSet(cfg.data.path, self.vocab)
+        if cfg.eval.task == "digits":
+            ShardSet(cfg.eval.path, self.vocab)  # fail now, not after training
+        self.device = pick_device(cfg.trainer.device)
+        if cfg.trainer.threads:
+            torch.set_num_threads(cfg.trainer.threads)
+        torch.manual_seed(cfg.trainer.seed)
+
+        vocab_size = cfg.model.vocab_size or self.vocab.size
+        self.model = Emu3CausalLM(cfg.model, vocab_size).to(self.device)
+        if cfg.checkpoint.init_from:
+            load_weights(cfg.checkpoint.init_from, self.model)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
+        self.loader = PackedLoader(
+            shards, seq_len=cfg.data.seq_len, micro_batch_size=cfg.data.micro_batch_size,
+            dp_rank=self.rank // (cfg.parallel.cp * cfg.parallel.tp), dp_size=self.dp,
+            seed=cfg.data.seed, vision_weight=cfg.loss.vision_weight,
+            pack_window=cfg.data.pack_window, oversize_policy=cfg.data.oversize_policy)
+        self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "ckpt")
+        self.logger = MetricLogger(cfg.wandb, self.run_dir, cfg.run_name, asdict(cfg), self.is_rank0)
+        self.step, self.tokens_seen, self.bad_steps = 0, 0, 0
+        if self.is_rank0:
+            n = sum(p.numel() for p in self.model.parameters())
+            print(f"model {cfg.model.name}: {n / 1e6:.2f}M parameters, vocab {vocab_size}, "
+                  f"device {self.device}, {self.dp} x {self.accum} x {cfg.data.micro_batch_size} rows "
+                  f"of {cfg.data.seq_len} tokens per step", flush=True)
+
+    # -- one optimizer step ----------------------------------------------------------------------
+    def train_step(self) -> dict:
+        cfg, model = self.cfg, self.model
+        batches = [self.loader.next_batch() for _ in range(self.accum)]
+        total_weight = sum(float(b["loss_weight"].sum()) for b in batches)
+        norm = max(total_weight, 1e-12)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                  enabled=cfg.trainer.precision == "bf16")
+        loss_sum, stats = 0.0, {}
+        for b in batches:
+            with autocast:
+                hidden = model(b["tokens"].to(self.device), b["position_ids"].to(self.device),
+                               b["cu_seqlens"].to(self.device))
+            wsum, st = weighted_ce(hidden, model.lm_head.weight, b["labels"].to(self.device),
+                                   b["loss_weight"].to(self.device), vision_start=self.vocab.vision_start,
+                                   z_loss=cfg.loss.z_loss, impl=cfg.loss.impl,
+                                   chunk_size=cfg.loss.chunk_size)
+            (wsum / norm).backward()
+            loss_sum += float(wsum.detach())
+            for k, v in st.items():
+                stats[k] = stats.get(k, 0.0) + float(v)
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+        loss = loss_sum / norm
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.bad_steps = 0
+        else:
+            self.bad_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        n_tokens = sum(int(b["tokens"].numel()) for b in batches)
+        self.tokens_seen += n_tokens
+        means = class_means(stats)
+        return {"train/loss": loss, "train/loss_text": means["loss_text"],
+                "train/loss_vision": means["loss_vision"], "train/grad_norm": grad_norm,
+                "train/lr": self.scheduler.get_last_lr()[0], "train/skipped_step": 0.0 if finite else 1.0,
+                "tokens": n_tokens,
+                "pad": sum(b["num_pad"] for b in batches), "docs": sum(b["num_docs"] for b in batches),
+                "rows": sum(int(b["tokens"].shape[0]) for b in batches)}
+
+    # -- the loop --------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg = self.cfg
+        bar = tqdm(total=cfg.trainer.max_steps, initial=self.step, disable=not self.is_rank0,
+                   desc="train", unit="step", mininterval=1.0, dynamic_ncols=True)
+        window: list[dict] = []
+        t_window = time.perf_counter()
+        last = {}
+        while self.step < cfg.trainer.max_steps:
+            m = self.train_step()
+            window.append(m)
+            bar.update(1)
+            if not math.isfinite(m["train/loss"]) or m["train/skipped_step"]:
+                tqdm.write(f"step {self.step}: non-finite loss/grad norm, update skipped "
+                           f"({self.bad_steps} in a row)")
+                if self.bad_steps >= cfg.trainer.max_bad_steps:
+                    raise TrainingError(f"{self.bad_steps} consecutive non-finite steps "
+                                        f"(trainer.max_bad_steps={cfg.trainer.max_bad_steps}); stopping")
+            if self.step % cfg.trainer.log_interval == 0 or self.step == cfg.trainer.max_steps:
+                last = self._summarize(window, time.perf_counter() - t_window)
+                bar.set_postfix(loss=f"{last['train/loss']:.3f}")
+                if self.is_rank0:
+                    tqdm.write(format_summary(self.step, cfg.trainer.max_steps, last))
+                self.logger.log(last, self.step)
+                window, t_window = [], time.perf_counter()
+            if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
+                self.save()
+        bar.close()
+        return last
+
+    def _summarize(self, window: list[dict], seconds: float) -> dict:
+        finite = [m for m in window if math.isfinite(m["train/loss"])]
+        out = {k: sum(m[k] for m in finite) / max(1, len(finite))
+               for k in ("train/loss", "train/loss_text", "train/loss_vision", "train/grad_norm")}
+        tokens = sum(m["tokens"] for m in window)
+        out.update({
+            "train/lr": window[-1]["train/lr"],
+            "train/skipped_steps": sum(m["train/skipped_step"] for m in window),
+            "perf/tokens_per_s": tokens * self.world_size / seconds,
+            "perf/tokens_per_s_per_gpu": tokens / seconds,
+            "data/fill": 1.0 - sum(m["pad"] for m in window) / max(1, tokens),
+            "data/docs_per_row": sum(m["docs"] for m in window) / max(1, sum(m["rows"] for m in window)),
+            "data/skipped": float(self.loader.stats().get("skipped", 0)),
+            "train/tokens_seen": float(self.tokens_seen * self.dp),
+        })
+        return out
+
+    def save(self) -> Path:
+        return save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, self.scheduler,
+                               self.loader.state_dict(), asdict(self.cfg), self.tokens_seen * self.dp,
+                               self.is_rank0)
+
+    def evaluate(self) -> dict | None:
+        """The recipe's evaluation (rank 0), logged as ``eval/*`` and ``samples/images``."""
+        if self.cfg.eval.task != "digits" or not self.is_rank0:
+            return None
+        from emu3_train.evaluate import evaluate_digits
+
+        result = evaluate_digits(self.model, self.vocab, self.cfg.eval, self.cfg.data.path,
+                                 self.run_dir, self.device)
+        self.logger.log({f"eval/{k}": v for k, v in result.items() if isinstance(v, float)}, self.step)
+        self.logger.log_image("samples/images", self.run_dir / "samples.png",
+                              "one row per prompted digit 0-9", self.step)
+        return result
+
+
+def run_training(cfg: TrainConfig, run_dir: Path, rank: int = 0, world_size: int = 1) -> dict:
+    """Setup, train, checkpoint, evaluate; returns the last metrics (+ ``eval`` results)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(cfg, run_dir, rank, world_size)
+    trainer.setup()
+    try:
+        last = trainer.fit()
+        path = trainer.save()
+        if trainer.is_rank0:
+            print(f"checkpoint: {path}", flush=True)
+        result = trainer.evaluate()
+        if result is not None:
+            print(f"eval: t2i_accuracy {result['t2i_accuracy']:.3f} | i2t_accuracy "
+                  f"{result['i2t_accuracy']:.3f}  ({run_dir / 'samples.png'}, {run_dir / 'eval.json'})",
+                  flush=True)
+            last = {**last, "eval": result}
+    finally:
+        trainer.logger.finish()
+    return last

@@ -1,0 +1,101 @@
+"""Every shipped recipe composes through Hydra and validates; impossible ones are rejected by name."""
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from emu3_train.config import ConfigError, TrainConfig, grad_accum_steps, validate
+from emu3_train.recipes import compose, recipes_dir
+from emu3_train.vocab import get_vocab
+
+RECIPES = recipes_dir()
+GROUP_FILES = {g: sorted(p.stem for p in (RECIPES / g).glob("*.yaml"))
+               for g in ("model", "data", "parallel", "experiment")}
+NEEDS_PATH = ["data.path=/nonexistent/shards"]
+
+
+def _overrides(group: str, name: str) -> list[str]:
+    extra = NEEDS_PATH if (group == "data" and name == "shards") else []
+    if group == "experiment" and name in ("stage1", "stage2"):
+        extra = ["model=emu3_8b", "data=shards", *NEEDS_PATH]
+    return [f"{group}={name}", *extra]
+
+
+def test_every_recipe_file_is_covered():
+    assert GROUP_FILES["model"] == ["emu3_8b", "tiny"]
+    assert {"demo", "shards"} <= set(GROUP_FILES["data"])
+    assert {"demo", "stage1", "stage2"} <= set(GROUP_FILES["experiment"])
+    assert (RECIPES / "train.yaml").is_file()
+
+
+@pytest.mark.parametrize("group,name", [(g, n) for g, names in GROUP_FILES.items() for n in names])
+def test_recipe_composes_and_validates(group, name):
+    cfg = compose(_overrides(group, name))
+    assert isinstance(cfg, TrainConfig)
+    validate(cfg, world_size=1, vocab_size=get_vocab(cfg.data.vocab).size)
+
+
+def test_default_composition_is_the_demo_shape():
+    cfg = compose([])
+    assert cfg.model.name == "tiny" and cfg.data.vocab == "demo"
+
+
+def test_emu3_8b_exact_numbers():
+    m = compose(["model=emu3_8b"]).model
+    assert (m.num_layers, m.hidden_size, m.intermediate_size) == (32, 4096, 14336)
+    assert (m.num_heads, m.num_kv_heads, m.rope_theta, m.vocab_size) == (32, 8, 1e6, 184_622)
+
+
+def test_stage_experiments():
+    s1 = compose(_overrides("experiment", "stage1"))
+    assert s1.data.seq_len == 5120 and s1.optim.lr == 5e-5 and s1.optim.min_lr_ratio == 0.0
+    assert s1.loss.vision_weight == 0.5 and s1.model.name == "emu3_8b"
+    s2 = compose(_overrides("experiment", "stage2"))
+    assert s2.data.seq_len == 131_072
+    demo = compose(["experiment=demo"])
+    assert demo.eval.task == "digits" and demo.model.name == "tiny"
+    assert grad_accum_steps(demo, 1) * demo.data.micro_batch_size == demo.data.global_batch_size
+
+
+def test_command_line_beats_experiment_defaults():
+    assert compose(["experiment=demo", "model=emu3_8b"]).model.name == "emu3_8b"
+
+
+def test_unknown_override_is_rejected_naming_the_key():
+    with pytest.raises(ConfigCompositionException, match="data.bogus"):
+        compose(["data.bogus=1"])
+
+
+def test_missing_shard_path_is_reported():
+    with pytest.raises(ConfigError, match=r"data\.path is required"):
+        compose(["data=shards"])
+
+
+@pytest.mark.parametrize("override,field", [
+    ("model.num_kv_heads=3", "model.num_heads"),
+    ("model.hidden_size=130", "model.hidden_size"),
+    ("data.global_batch_size=6", "data.global_batch_size"),
+    ("data.seq_len=0", "data.seq_len"),
+    ("model.vocab_size=100", "model.vocab_size"),
+    ("model.attn_impl=flex", "model.attn_impl"),
+    ("model.backend=te", "model.backend"),
+    ("trainer.precision=fp8", "trainer.precision"),
+    ("optim.warmup_steps=100000", "optim.warmup_steps"),
+    ("parallel.tp=2", "parallel"),
+    ("data.seq_len=200000", "data.seq_len"),
+])
+def test_impossible_configs_name_the_field(override, field):
+    cfg = compose(["experiment=demo", override])
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        validate(cfg, world_size=1, vocab_size=get_vocab(cfg.data.vocab).size)
+
+
+def test_world_size_must_match_layout():
+    cfg = compose(["experiment=demo"])
+    with pytest.raises(ConfigError, match="world size 2"):
+        validate(cfg, world_size=2)
+
+
+def test_recipes_dir_is_the_checkout():
+    assert RECIPES == Path(__file__).resolve().parents[2] / "recipes"
