@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 
 import torch
@@ -52,7 +53,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, load
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    _dcp(dcp.save, {"model": model_sd, "optim": optim_sd}, tmp)
     if is_rank0:
         _write_json(tmp / "scheduler.json", scheduler.state_dict())
         _write_json(tmp / "loader.json", loader_state)
@@ -84,12 +85,35 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return path
 
 
+def _check_shapes(path: Path, state: dict) -> None:
+    """Fail naming the first tensor whose shape differs from (or is missing in) the checkpoint."""
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    for prefix, sub in state.items():
+        for key, value in sub.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            name = f"{prefix}.{key}"
+            if name not in saved:
+                raise ValueError(f"{path}: checkpoint has no tensor {name!r}")
+            shape = tuple(getattr(saved[name], "size", ()))
+            if shape != tuple(value.shape):
+                raise ValueError(f"{path}: tensor {name!r} has shape {list(shape)} in the checkpoint "
+                                 f"but {list(value.shape)} in this model")
+
+
+def _dcp(fn, state: dict, path: Path) -> None:
+    with warnings.catch_warnings():  # one process without a process group is intended here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        fn(state, checkpoint_id=str(path))
+
+
 def load_weights(path: str | os.PathLike, model) -> Path:
     """Load model weights only (``checkpoint.init_from``): new optimizer, schedule and data stream."""
     path = resolve_checkpoint(path)
     model_sd, _ = get_state_dict(model, [])
     state = {"model": model_sd}
-    dcp.load(state, checkpoint_id=str(path))
+    _check_shapes(path, state)
+    _dcp(dcp.load, state, path)
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
     return path
 
@@ -99,7 +123,8 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler) -> dic
     path = resolve_checkpoint(path)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
+    _check_shapes(path, {"model": model_sd})
+    _dcp(dcp.load, state, path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
     rng = torch.load(path / "rng.pt", weights_only=True)

@@ -226,9 +226,8 @@ def validate(cfg: TrainConfig, world_size: int = 1, vocab_size: int | None = Non
     if o.lr <= 0 or not 0.0 <= o.min_lr_ratio <= 1.0:
         raise ConfigError(f"optim.lr must be > 0 and optim.min_lr_ratio in [0, 1], got lr={o.lr}, "
                           f"min_lr_ratio={o.min_lr_ratio}")
-    if o.warmup_steps < 0 or o.warmup_steps > t.max_steps:
-        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be in [0, trainer.max_steps="
-                          f"{t.max_steps}]")
+    if o.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
     if o.grad_clip < 0:
         raise ConfigError(f"optim.grad_clip must be >= 0, got {o.grad_clip}")
     if cfg.loss.vision_weight < 0:

@@ -25,7 +25,7 @@ from emu3_train.data.loader import PackedLoader
 from emu3_train.data.stream import ShardSet
 from emu3_train.loss import class_means, weighted_ce
 from emu3_train.metrics import MetricLogger, format_summary
-from emu3_train.model.decoder import Emu3CausalLM
+from emu3_train.model.decoder import Emu3CausalLM, apply_recompute
 from emu3_train.optim import build_optimizer, build_scheduler
 from emu3_train.vocab import get_vocab
 
@@ -66,6 +66,7 @@ class Trainer:
 
         vocab_size = cfg.model.vocab_size or self.vocab.size
         self.model = Emu3CausalLM(cfg.model, vocab_size).to(self.device)
+        apply_recompute(self.model, cfg.model.recompute)
         if cfg.checkpoint.init_from:
             load_weights(cfg.checkpoint.init_from, self.model)
         self.optimizer = build_optimizer(self.model, cfg.optim)
@@ -87,7 +88,7 @@ class Trainer:
     # -- one optimizer step ----------------------------------------------------------------------
     def train_step(self) -> dict:
         cfg, model = self.cfg, self.model
-        batches = [self.loader.next_batch() for _ in range(self.accum)]
+        batches = [next(self.loader) for _ in range(self.accum)]
         total_weight = sum(float(b["loss_weight"].sum()) for b in batches)
         norm = max(total_weight, 1e-12)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
@@ -158,9 +159,11 @@ class Trainer:
         return last
 
     def _summarize(self, window: list[dict], seconds: float) -> dict:
-        finite = [m for m in window if math.isfinite(m["train/loss"])]
-        out = {k: sum(m[k] for m in finite) / max(1, len(finite))
-               for k in ("train/loss", "train/loss_text", "train/loss_vision", "train/grad_norm")}
+        out = {}
+        for k in ("train/loss", "train/loss_text", "train/loss_vision", "train/grad_norm"):
+            # a class absent from a step reports NaN; average over the steps that had it
+            values = [m[k] for m in window if math.isfinite(m[k])]
+            out[k] = sum(values) / len(values) if values else float("nan")
         tokens = sum(m["tokens"] for m in window)
         out.update({
             "train/lr": window[-1]["train/lr"],

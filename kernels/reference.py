@@ -42,66 +42,13 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 vision_start, z_loss, chunk_size, compute_grads):
         need_h = compute_grads and ctx.needs_input_grad[0]
         need_w = compute_grads and ctx.needs_input_grad[1]
-        v_local = weight.shape[0]
-        w_all = loss_weight.float()
-        rows_all = ((labels != ignore_index) & (w_all > 0)).nonzero().squeeze(1)
-
-        device = hidden.device
-        loss = torch.zeros((), dtype=torch.float32, device=device)
-        sums = torch.zeros(3, dtype=torch.float32, device=device)
-        counts = torch.zeros(2, dtype=torch.int64, device=device)
-        grad_hidden = torch.zeros_like(hidden) if need_h else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device) if need_w else None
-
-        for start in range(0, rows_all.numel(), chunk_size):
-            rows = rows_all[start : start + chunk_size]
-            h = hidden.index_select(0, rows)  # [c, H]
-            target = labels.index_select(0, rows)  # global ids
-            w = w_all.index_select(0, rows)
-            y = target - vocab_start
-            on_rank = (y >= 0) & (y < v_local)
-            y_safe = y.clamp(0, v_local - 1).unsqueeze(1)
-
-            logits = (h @ weight.t()).float()  # [c, V_local], the only chunk of logits alive
-            target_logit = torch.where(on_rank, logits.gather(1, y_safe).squeeze(1), 0.0)
-            row_max = logits.amax(dim=1)
-            if tp_group is not None:
-                dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
-            probs = logits.sub_(row_max.unsqueeze(1)).exp_()  # in place: unnormalized softmax
-            sum_exp = probs.sum(dim=1)
-            if tp_group is not None:
-                packed = torch.stack((sum_exp, target_logit))
-                dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=tp_group)
-                sum_exp, target_logit = packed[0], packed[1]
-            lse = row_max + sum_exp.log()
-            ce = lse - target_logit
-            z_term = z_loss * lse.square()
-            loss += (w * (ce + z_term)).sum()
-
-            is_vision = target >= vision_start if vision_start is not None else torch.zeros_like(on_rank)
-            sums[0] += ce.masked_fill(is_vision, 0.0).sum()
-            sums[1] += ce.masked_fill(~is_vision, 0.0).sum()
-            sums[2] += z_term.sum()
-            n_vision = is_vision.sum()
-            counts[0] += rows.numel() - n_vision
-            counts[1] += n_vision
-
-            if need_h or need_w:
-                # d/dlogits of w * (lse - logit_y + z * lse^2) = w * ((1 + 2 z lse) softmax - onehot_y)
-                scale = w * (1.0 + 2.0 * z_loss * lse) / sum_exp
-                grad_logits = probs.mul_(scale.unsqueeze(1))
-                grad_logits.scatter_add_(1, y_safe, torch.where(on_rank, -w, 0.0).unsqueeze(1))
-                grad_logits = grad_logits.to(hidden.dtype)
-                if need_h:
-                    grad_hidden.index_copy_(0, rows, grad_logits @ weight)
-                if need_w:
-                    grad_weight.add_(grad_logits.t() @ h)
-            del logits, probs
-
-        if need_h and tp_group is not None:
-            dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=tp_group)
-        if need_w:
-            grad_weight = grad_weight.to(weight.dtype)
+        # The kernel runs in the inputs' dtype: autocast would make the matmuls bf16 but leave
+        # the fp32 gradient buffers, and the Triton kernel will not see autocast either.
+        with torch.autocast(hidden.device.type, enabled=False):
+            loss, sums, counts, grad_hidden, grad_weight = _forward_and_grads(
+                hidden, weight, labels, loss_weight, vocab_start, tp_group, ignore_index,
+                vision_start, z_loss, chunk_size, need_h, need_w,
+            )
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.mark_non_differentiable(sums, counts)
         return loss, sums, counts
@@ -114,6 +61,73 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         if grad_weight is not None:
             grad_weight = grad_weight * grad_loss.to(grad_weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None, None, None, None, None, None
+
+
+def _forward_and_grads(hidden, weight, labels, loss_weight, vocab_start, tp_group, ignore_index,
+                       vision_start, z_loss, chunk_size, need_h, need_w):
+    """The chunk loop: loss, stats and (if asked) grad_hidden [N, H] / grad_weight [V_local, H]."""
+    v_local = weight.shape[0]
+    w_all = loss_weight.float()
+    rows_all = ((labels != ignore_index) & (w_all > 0)).nonzero().squeeze(1)
+
+    device = hidden.device
+    loss = torch.zeros((), dtype=torch.float32, device=device)
+    sums = torch.zeros(3, dtype=torch.float32, device=device)
+    counts = torch.zeros(2, dtype=torch.int64, device=device)
+    grad_hidden = torch.zeros_like(hidden) if need_h else None
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device) if need_w else None
+
+    for start in range(0, rows_all.numel(), chunk_size):
+        rows = rows_all[start : start + chunk_size]
+        h = hidden.index_select(0, rows)  # [c, H]
+        target = labels.index_select(0, rows)  # global ids
+        w = w_all.index_select(0, rows)
+        y = target - vocab_start
+        on_rank = (y >= 0) & (y < v_local)
+        y_safe = y.clamp(0, v_local - 1).unsqueeze(1)
+
+        logits = (h @ weight.t()).float()  # [c, V_local], the only chunk of logits alive
+        target_logit = torch.where(on_rank, logits.gather(1, y_safe).squeeze(1), 0.0)
+        row_max = logits.amax(dim=1)
+        if tp_group is not None:
+            dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
+        probs = logits.sub_(row_max.unsqueeze(1)).exp_()  # in place: unnormalized softmax
+        sum_exp = probs.sum(dim=1)
+        if tp_group is not None:
+            packed = torch.stack((sum_exp, target_logit))
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=tp_group)
+            sum_exp, target_logit = packed[0], packed[1]
+        lse = row_max + sum_exp.log()
+        ce = lse - target_logit
+        z_term = z_loss * lse.square()
+        loss += (w * (ce + z_term)).sum()
+
+        is_vision = target >= vision_start if vision_start is not None else torch.zeros_like(on_rank)
+        sums[0] += ce.masked_fill(is_vision, 0.0).sum()
+        sums[1] += ce.masked_fill(~is_vision, 0.0).sum()
+        sums[2] += z_term.sum()
+        n_vision = is_vision.sum()
+        counts[0] += rows.numel() - n_vision
+        counts[1] += n_vision
+
+        if need_h or need_w:
+            # d/dlogits of w * (lse - logit_y + z * lse^2) = w * ((1 + 2 z lse) softmax - onehot_y)
+            scale = w * (1.0 + 2.0 * z_loss * lse) / sum_exp
+            grad_logits = probs.mul_(scale.unsqueeze(1))
+            grad_logits.scatter_add_(1, y_safe, torch.where(on_rank, -w, 0.0).unsqueeze(1))
+            grad_logits = grad_logits.to(hidden.dtype)
+            if need_h:
+                grad_hidden.index_copy_(0, rows, grad_logits @ weight)
+            if need_w:
+                grad_weight.add_(grad_logits.t() @ h)
+            del grad_logits
+        del logits, probs  # free this chunk before the next one is allocated
+
+    if need_h and tp_group is not None:
+        dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=tp_group)
+    if need_w:
+        grad_weight = grad_weight.to(weight.dtype)
+    return loss, sums, counts, grad_hidden, grad_weight
 
 
 def chunked_linear_cross_entropy(

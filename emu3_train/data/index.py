@@ -18,6 +18,8 @@ tokens_offset  int64 [N]       byte offset of the ``KEY.tokens.npy`` payload in 
 tokens_size    int64 [N]       its size in bytes (npy header included)
 meta_offset    int64 [N]       byte offset of the ``KEY.json`` payload
 meta_size      int64 [N]       its size in bytes
+tokens_crc32   uint32 [N]      ``zlib.crc32`` of the tokens payload (reads are checked against it)
+meta_crc32     uint32 [N]      ``zlib.crc32`` of the json payload
 lengths        int64 [N]       token count of the document
 tasks          int8 [N]        index into ``format.TASKS``
 span_offsets   int64 [N+1]     sample i's vision blocks are ``spans[span_offsets[i]:span_offsets[i+1]]``
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import os
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +51,8 @@ from emu3_train.data.format import (
 from emu3_train.vocab import Vocab
 
 FORMAT_VERSION = 1
-_ARRAYS = ("keys", "tokens_offset", "tokens_size", "meta_offset", "meta_size", "lengths", "tasks")
+_ARRAYS = ("keys", "tokens_offset", "tokens_size", "meta_offset", "meta_size", "tokens_crc32",
+           "meta_crc32", "lengths", "tasks")
 
 
 class ShardError(ValueError):
@@ -78,6 +82,8 @@ class Index:
     tokens_size: np.ndarray
     meta_offset: np.ndarray
     meta_size: np.ndarray
+    tokens_crc32: np.ndarray
+    meta_crc32: np.ndarray
     lengths: np.ndarray
     tasks: np.ndarray
     span_offsets: np.ndarray
@@ -130,7 +136,7 @@ def build_index(tar_path: str | os.PathLike, vocab: Vocab) -> Index:
         except ValueError as e:
             raise ShardError(f"{where}: {e}") from None
         rows.append((key, tok_ti.offset_data, tok_ti.size, meta_ti.offset_data, meta_ti.size,
-                     len(tokens), TASKS.index(meta["task"])))
+                     zlib.crc32(tok_data), zlib.crc32(meta_data), len(tokens), TASKS.index(meta["task"])))
         spans.append(doc_spans)
 
     try:
@@ -155,12 +161,12 @@ def build_index(tar_path: str | os.PathLike, vocab: Vocab) -> Index:
                     members[suffix] = (ti, tf.extractfile(ti).read())
                     if len(members[suffix][1]) != ti.size:
                         raise tarfile.ReadError(f"member {ti.name!r} is cut short")
-                if key is not None:
-                    finish(key, members)
                 end = tf.offset
-            if not _end_marker_ok(f, end):
+            if not _end_marker_ok(f, end):  # checked before the last sample: it may be cut short
                 raise tarfile.ReadError(f"no end-of-archive marker at byte {end} (truncated, or a "
                                         "corrupt header)")
+            if key is not None:
+                finish(key, members)
     except (tarfile.TarError, OSError, EOFError) as e:
         raise ShardError(f"{tar_path}: not a complete uncompressed tar: {e}") from None
     if not rows:
@@ -173,7 +179,8 @@ def build_index(tar_path: str | os.PathLike, vocab: Vocab) -> Index:
         keys=np.array(cols[0], dtype=str),
         tokens_offset=np.array(cols[1], np.int64), tokens_size=np.array(cols[2], np.int64),
         meta_offset=np.array(cols[3], np.int64), meta_size=np.array(cols[4], np.int64),
-        lengths=np.array(cols[5], np.int64), tasks=np.array(cols[6], np.int8),
+        tokens_crc32=np.array(cols[5], np.uint32), meta_crc32=np.array(cols[6], np.uint32),
+        lengths=np.array(cols[7], np.int64), tasks=np.array(cols[8], np.int8),
         span_offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
         spans=np.concatenate(spans).astype(np.int64).reshape(-1, 2),
     )

@@ -13,6 +13,7 @@ would read garbage inside a payload silently, NOTES.md).
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -91,8 +92,9 @@ class ShardSet:
     def read(self, doc_id: int) -> tuple[np.ndarray, dict]:
         """``(tokens int32 [N], meta dict)`` of document ``doc_id``, checked against the index.
 
-        Raises ``ShardError`` naming shard and key when the payload does not decode, its length,
-        task or vision blocks differ from the index, or an id is outside the vocabulary.
+        Raises ``ShardError`` naming shard and key when a payload's CRC-32 differs from the index,
+        it does not decode, its length, task or vision blocks differ from the index, or an id is
+        outside the vocabulary.
         """
         if not 0 <= doc_id < len(self):
             raise IndexError(f"document {doc_id} out of range [0, {len(self)}) in {self.path}")
@@ -101,6 +103,9 @@ class ShardSet:
         where = index.describe(local)
         tok = self._read_bytes(shard, int(index.tokens_offset[local]), int(index.tokens_size[local]), where)
         meta = self._read_bytes(shard, int(index.meta_offset[local]), int(index.meta_size[local]), where)
+        if zlib.crc32(tok) != index.tokens_crc32[local] or zlib.crc32(meta) != index.meta_crc32[local]:
+            raise ShardError(f"{where}: payload checksum differs from the index; the shard changed after "
+                             "indexing or is corrupt")
         try:
             tokens = decode_tokens(tok)
             spans = check_tokens(tokens, self.vocab)

@@ -80,7 +80,9 @@ class SdpaCore(nn.Module):
         super().__init__()
         self.dropout = dropout
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: DocumentLayout) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: DocumentLayout
+    ) -> torch.Tensor:
         """q [B, S, Hq, D], k/v [B, S, Hkv, D] (Hkv divides Hq) -> [B, S, Hq, D]."""
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2),

@@ -81,7 +81,8 @@ def test_missing_shard_path_is_reported():
     ("model.attn_impl=flex", "model.attn_impl"),
     ("model.backend=te", "model.backend"),
     ("trainer.precision=fp8", "trainer.precision"),
-    ("optim.warmup_steps=100000", "optim.warmup_steps"),
+    ("optim.warmup_steps=-1", "optim.warmup_steps"),
+    ("optim.lr=0", "optim.lr"),
     ("parallel.tp=2", "parallel"),
     ("data.seq_len=200000", "data.seq_len"),
 ])

@@ -1,0 +1,76 @@
+"""Checkpoints round-trip model, optimizer, scheduler and loader state; ``latest`` moves last."""
+
+import json
+
+import pytest
+import torch
+
+from emu3_train.checkpoint import load_checkpoint, load_weights, resolve_checkpoint, save_checkpoint
+from emu3_train.config import ModelConfig, OptimConfig
+from emu3_train.model.decoder import Emu3CausalLM
+from emu3_train.optim import build_optimizer, build_scheduler
+
+CFG = ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1)
+
+
+def _setup(seed):
+    torch.manual_seed(seed)
+    model = Emu3CausalLM(CFG, 50)
+    opt = build_optimizer(model, OptimConfig())
+    return model, opt, build_scheduler(opt, OptimConfig(warmup_steps=2), 10)
+
+
+def _step(model, opt, sched):
+    tokens = torch.randint(0, 50, (1, 6))
+    pos = torch.arange(6)[None]
+    hidden = model(tokens, pos, torch.tensor([0, 6], dtype=torch.int32))
+    model.logits(hidden).square().mean().backward()
+    opt.step()
+    sched.step()
+    opt.zero_grad()
+
+
+def test_round_trip(tmp_path):
+    model, opt, sched = _setup(0)
+    for _ in range(3):
+        _step(model, opt, sched)
+    path = save_checkpoint(tmp_path, 3, model, opt, sched, {"epoch": 0, "cursor": 24}, {"x": 1}, 99)
+    assert path.name == "step_000003" and (tmp_path / "latest").read_text().strip() == "step_000003"
+    assert not list(tmp_path.glob(".tmp*"))
+    assert json.loads((path / "meta.json").read_text())["tokens_seen"] == 99
+
+    model2, opt2, sched2 = _setup(1)
+    meta = load_checkpoint(tmp_path, model2, opt2, sched2)
+    assert meta["loader"] == {"epoch": 0, "cursor": 24} and meta["step"] == 3
+    for (n, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), n
+    s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert all(torch.equal(s1[k]["exp_avg_sq"], s2[k]["exp_avg_sq"]) for k in s1)
+    assert sched2.last_epoch == sched.last_epoch == 3
+    # the next step is identical
+    torch.manual_seed(5)
+    _step(model, opt, sched)
+    torch.manual_seed(5)
+    _step(model2, opt2, sched2)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+
+
+def test_init_from_loads_weights_only_and_latest_moves(tmp_path):
+    model, opt, sched = _setup(0)
+    save_checkpoint(tmp_path, 1, model, opt, sched, {}, {}, 0)
+    _step(model, opt, sched)
+    save_checkpoint(tmp_path, 2, model, opt, sched, {}, {}, 0)
+    assert resolve_checkpoint(tmp_path).name == "step_000002"
+    fresh = Emu3CausalLM(CFG, 50)
+    load_weights(tmp_path / "latest", fresh)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
+
+
+def test_incomplete_or_mismatched_checkpoint_fails(tmp_path):
+    (tmp_path / "step_000001").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        resolve_checkpoint(tmp_path / "step_000001")
+    model, opt, sched = _setup(0)
+    save_checkpoint(tmp_path, 2, model, opt, sched, {}, {}, 0)
+    with pytest.raises(ValueError, match=r"'model.model.embed_tokens.weight' has shape \[50, 32\]"):
+        load_weights(tmp_path, Emu3CausalLM(CFG, 60))
