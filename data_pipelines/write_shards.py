@@ -141,5 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """:func:`main` with bad input reported as one ``error:`` line (exit code 2)."""
+    try:
+        return main(argv)
+    except (ValueError, OSError) as e:  # ShardError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

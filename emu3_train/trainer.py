@@ -20,7 +20,8 @@ import torch
 from tqdm import tqdm
 
 from emu3_train.checkpoint import load_weights, save_checkpoint
-from emu3_train.config import TrainConfig, grad_accum_steps, resolve_dp, validate
+from emu3_train.config import ConfigError, TrainConfig, grad_accum_steps, resolve_dp, validate
+from emu3_train.data.index import ShardError
 from emu3_train.data.loader import PackedLoader
 from emu3_train.data.stream import ShardSet
 from emu3_train.loss import class_means, weighted_ce
@@ -201,7 +202,12 @@ def run_training(cfg: TrainConfig, run_dir: Path, rank: int = 0, world_size: int
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, run_dir, rank, world_size)
-    trainer.setup()
+    try:
+        trainer.setup()
+    except ValueError as e:  # bad values found while opening data or building parts: a config error
+        if isinstance(e, (ConfigError, ShardError)):
+            raise
+        raise ConfigError(str(e)) from e
     try:
         last = trainer.fit()
         path = trainer.save()
