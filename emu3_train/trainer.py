@@ -137,26 +137,28 @@ class Trainer:
         window: list[dict] = []
         t_window = time.perf_counter()
         last = {}
-        while self.step < cfg.trainer.max_steps:
-            m = self.train_step()
-            window.append(m)
-            bar.update(1)
-            if not math.isfinite(m["train/loss"]) or m["train/skipped_step"]:
-                tqdm.write(f"step {self.step}: non-finite loss/grad norm, update skipped "
-                           f"({self.bad_steps} in a row)")
-                if self.bad_steps >= cfg.trainer.max_bad_steps:
-                    raise TrainingError(f"{self.bad_steps} consecutive non-finite steps "
-                                        f"(trainer.max_bad_steps={cfg.trainer.max_bad_steps}); stopping")
-            if self.step % cfg.trainer.log_interval == 0 or self.step == cfg.trainer.max_steps:
-                last = self._summarize(window, time.perf_counter() - t_window)
-                bar.set_postfix(loss=f"{last['train/loss']:.3f}")
-                if self.is_rank0:
-                    tqdm.write(format_summary(self.step, cfg.trainer.max_steps, last))
-                self.logger.log(last, self.step)
-                window, t_window = [], time.perf_counter()
-            if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
-                self.save()
-        bar.close()
+        try:
+            while self.step < cfg.trainer.max_steps:
+                m = self.train_step()
+                window.append(m)
+                bar.update(1)
+                if not math.isfinite(m["train/loss"]) or m["train/skipped_step"]:
+                    tqdm.write(f"step {self.step}: non-finite loss/grad norm, update skipped "
+                               f"({self.bad_steps} in a row)")
+                    if self.bad_steps >= cfg.trainer.max_bad_steps:
+                        raise TrainingError(f"{self.bad_steps} consecutive non-finite steps "
+                                            f"(trainer.max_bad_steps={cfg.trainer.max_bad_steps}); stopping")
+                if self.step % cfg.trainer.log_interval == 0 or self.step == cfg.trainer.max_steps:
+                    last = self._summarize(window, time.perf_counter() - t_window)
+                    bar.set_postfix(loss=f"{last['train/loss']:.3f}")
+                    if self.is_rank0:
+                        tqdm.write(format_summary(self.step, cfg.trainer.max_steps, last))
+                    self.logger.log(last, self.step)
+                    window, t_window = [], time.perf_counter()
+                if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
+                    self.save()
+        finally:
+            bar.close()  # so an error message starts on its own line
         return last
 
     def _summarize(self, window: list[dict], seconds: float) -> dict:
