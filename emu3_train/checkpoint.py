@@ -1,4 +1,4 @@
-"""Checkpoints in the layout of DESIGN.md §4, written atomically.
+"""Checkpoints in the layout of DESIGN.md §4, written atomically, optionally in the background.
 
     ckpt/step_000300/  .metadata + *.distcp   torch.distributed.checkpoint (model, optimizer)
                        scheduler.json         LR scheduler state
@@ -7,15 +7,20 @@
                        meta.json              resolved config, step, tokens seen, git sha, versions
     ckpt/latest        the name of the newest complete checkpoint (written last)
 
-A checkpoint is written into a temporary sibling directory and renamed into place, so a crash
-mid-save never leaves a directory that ``latest`` (or a reader) could take for complete.
+A checkpoint is written into ``.tmp_step_N`` and renamed into place only when every shard is on
+disk, so a crash (even ``kill -9``) mid-save never leaves a directory that ``latest`` or a reader
+could take for complete. With ``async_save`` the shards are written by a background thread from a
+staged copy while training goes on; the next save (or :meth:`CheckpointManager.wait`) finishes the
+previous one first. Retention keeps the newest ``keep_last`` plus every ``keep_every``-th step.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import warnings
 from pathlib import Path
@@ -28,6 +33,13 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_state_dict,
 )
+
+SIDE_FILES = ("scheduler.json", "loader.json", "rng.pt", "meta.json")
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is incomplete or corrupt; the message names the file."""
 
 
 def _git_sha() -> str | None:
@@ -43,46 +55,134 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, loader_state: dict,
-                    config: dict, tokens_seen: int, is_rank0: bool = True) -> Path:
-    """Write ``ckpt_dir/step_{step:06d}`` atomically and point ``latest`` at it. Returns its path."""
-    ckpt_dir = Path(ckpt_dir)
-    final = ckpt_dir / f"step_{step:06d}"
-    tmp = ckpt_dir / f".tmp_step_{step:06d}"
-    if is_rank0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    _dcp(dcp.save, {"model": model_sd, "optim": optim_sd}, tmp)
-    if is_rank0:
-        _write_json(tmp / "scheduler.json", scheduler.state_dict())
-        _write_json(tmp / "loader.json", loader_state)
-        torch.save({"cpu": torch.get_rng_state(),
-                    "cuda": torch.stack(torch.cuda.get_rng_state_all()) if torch.cuda.is_available()
-                    else torch.empty(0, dtype=torch.uint8)}, tmp / "rng.pt")
-        _write_json(tmp / "meta.json", {
-            "step": step, "tokens_seen": tokens_seen, "config": config, "git_sha": _git_sha(),
-            "versions": {"torch": torch.__version__},
-        })
+def _quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():  # one process without a process group is intended here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        return fn(*args, **kwargs)
+
+
+class CheckpointManager:
+    """Saves checkpoints of one run into ``ckpt_dir``; every rank calls :meth:`save` together."""
+
+    def __init__(self, ckpt_dir: str | os.PathLike, *, async_save: bool = False, keep_last: int = 0,
+                 keep_every: int = 0, is_rank0: bool = True):
+        self.dir = Path(ckpt_dir)
+        self.async_save, self.keep_last, self.keep_every = async_save, keep_last, keep_every
+        self.is_rank0 = is_rank0
+        self._pending = None  # (future, tmp, final)
+
+    def save(self, step: int, model, optimizer, scheduler, loader_state: dict, config: dict,
+             tokens_seen: int, kill_after_launch: bool = False) -> Path:
+        """Start writing ``step_{step:06d}``; returns its final path (complete after :meth:`wait`)."""
+        self.wait()
+        final, tmp = self.dir / f"step_{step:06d}", self.dir / f".tmp_step_{step:06d}"
+        if self.is_rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            _write_json(tmp / "scheduler.json", scheduler.state_dict())
+            _write_json(tmp / "loader.json", loader_state)
+            torch.save({"cpu": torch.get_rng_state(),
+                        "cuda": torch.stack(torch.cuda.get_rng_state_all()) if torch.cuda.is_available()
+                        else torch.empty(0, dtype=torch.uint8)}, tmp / "rng.pt")
+            _write_json(tmp / "meta.json", {
+                "step": step, "tokens_seen": tokens_seen, "config": config, "git_sha": _git_sha(),
+                "versions": {"torch": torch.__version__},
+            })
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        if self.async_save:
+            future = _quiet(dcp.async_save, state, checkpoint_id=str(tmp))  # stages a copy first
+            self._pending = (future, tmp, final)
+            if kill_after_launch:  # fault-injection hook: die while shards are being written
+                os.kill(os.getpid(), signal.SIGKILL)
+        else:
+            _quiet(dcp.save, state, checkpoint_id=str(tmp))
+            self._finalize(tmp, final)
+        return final
+
+    def wait(self) -> None:
+        """Block until the pending background save is on disk, then publish it."""
+        if self._pending is not None:
+            future, tmp, final = self._pending
+            self._pending = None
+            future.result()
+            self._finalize(tmp, final)
+
+    def _finalize(self, tmp: Path, final: Path) -> None:
+        if not self.is_rank0:
+            return
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        latest_tmp = ckpt_dir / ".latest.tmp"
+        latest_tmp = self.dir / ".latest.tmp"
         latest_tmp.write_text(final.name + "\n")
-        os.replace(latest_tmp, ckpt_dir / "latest")
-    return final
+        os.replace(latest_tmp, self.dir / "latest")
+        self._prune()
+
+    def _prune(self) -> None:
+        steps = sorted(int(m.group(1)) for p in self.dir.iterdir() if (m := _STEP_DIR.match(p.name)))
+        keep = set(steps[-self.keep_last:]) if self.keep_last else set(steps)
+        keep |= {s for s in steps if self.keep_every and s % self.keep_every == 0}
+        for s in steps:
+            if s not in keep:
+                shutil.rmtree(self.dir / f"step_{s:06d}", ignore_errors=True)
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, loader_state: dict,
+                    config: dict, tokens_seen: int, is_rank0: bool = True) -> Path:
+    """Write one checkpoint synchronously (keeps all others). Returns its path."""
+    manager = CheckpointManager(ckpt_dir, is_rank0=is_rank0)
+    return manager.save(step, model, optimizer, scheduler, loader_state, config, tokens_seen)
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise :class:`CheckpointError` naming the first missing or truncated file of ``path``."""
+    path = Path(path)
+    if not (path / ".metadata").is_file():
+        raise CheckpointError(f"{path}: not a complete checkpoint (no .metadata)")
+    for name in SIDE_FILES:
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path / name}: missing")
+    try:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # a torn .metadata fails to unpickle in many ways
+        raise CheckpointError(f"{path / '.metadata'}: unreadable ({e})") from e
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing")
+        if file.stat().st_size < size:
+            raise CheckpointError(f"{file}: truncated ({file.stat().st_size} of {size} bytes)")
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory from ``path``: a ``step_*`` dir, a ``latest`` file, or a ckpt dir."""
+    """The checkpoint to load for ``path``: a ``step_*`` dir (verified), or a ``latest`` file / ckpt
+    dir, in which case an incomplete newest checkpoint falls back to the previous complete one
+    with a warning."""
     path = Path(path)
     if path.is_file() and path.name == "latest":
-        path = path.parent / path.read_text().strip()
-    elif (path / "latest").is_file():
-        path = path / (path / "latest").read_text().strip()
-    if not (path / ".metadata").is_file():
-        raise FileNotFoundError(f"{path}: not a complete checkpoint (no .metadata)")
-    return path
+        path = path.parent
+    if not (path / "latest").is_file() and not any(_STEP_DIR.match(p.name) for p in path.glob("step_*")):
+        verify_checkpoint(path)
+        return path
+    latest = (path / "latest").read_text().strip() if (path / "latest").is_file() else None
+    candidates = sorted((p for p in path.iterdir() if _STEP_DIR.match(p.name)), reverse=True)
+    if latest:
+        candidates.sort(key=lambda p: p.name != latest)  # the one `latest` names first
+    errors = []
+    for candidate in candidates:
+        try:
+            verify_checkpoint(candidate)
+        except CheckpointError as e:
+            errors.append(str(e))
+            continue
+        for e in errors:
+            warnings.warn(f"skipping incomplete checkpoint: {e}; using {candidate}", stacklevel=2)
+        return candidate
+    raise CheckpointError(f"{path}: no complete checkpoint" + (f" ({'; '.join(errors)})" if errors else ""))
 
 
 def _check_shapes(path: Path, state: dict) -> None:
@@ -101,19 +201,13 @@ def _check_shapes(path: Path, state: dict) -> None:
                                  f"but {list(value.shape)} in this model")
 
 
-def _dcp(fn, state: dict, path: Path) -> None:
-    with warnings.catch_warnings():  # one process without a process group is intended here
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        fn(state, checkpoint_id=str(path))
-
-
 def load_weights(path: str | os.PathLike, model) -> Path:
     """Load model weights only (``checkpoint.init_from``): new optimizer, schedule and data stream."""
     path = resolve_checkpoint(path)
     model_sd, _ = get_state_dict(model, [])
     state = {"model": model_sd}
     _check_shapes(path, state)
-    _dcp(dcp.load, state, path)
+    _quiet(dcp.load, state, checkpoint_id=str(path))
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
     return path
 
@@ -124,7 +218,7 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler) -> dic
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     _check_shapes(path, {"model": model_sd})
-    _dcp(dcp.load, state, path)
+    _quiet(dcp.load, state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
     rng = torch.load(path / "rng.pt", weights_only=True)

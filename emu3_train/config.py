@@ -90,6 +90,8 @@ class TrainerConfig:
     device: str = "auto"  # auto (cuda if present) | cpu | cuda
     threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
     max_bad_steps: int = 5  # consecutive non-finite steps before training halts
+    spike_factor: float = 0.0  # log a warning when loss > spike_factor x running mean; 0 = off
+    fault: str | None = None  # test hook: nan_loss@STEP | sigkill_in_save@STEP (fault-handling tests)
 
 
 @dataclass
@@ -97,6 +99,10 @@ class CheckpointConfig:
     dir: str | None = None  # null = <run_dir>/ckpt
     interval: int = 0  # steps between checkpoints; 0 = only at the end
     init_from: str | None = None  # load weights only from this checkpoint (stage transitions)
+    resume: str | None = None  # latest | PATH: continue a run (model, optimizer, schedule, data, RNG)
+    async_save: bool = True  # write shards in the background; the next save waits for this one
+    keep_last: int = 3  # keep the newest K checkpoints (0 = keep all) ...
+    keep_every: int = 0  # ... plus every checkpoint whose step is a multiple of M (0 = none)
 
 
 @dataclass
@@ -228,6 +234,17 @@ def validate(cfg: TrainConfig, world_size: int = 1, vocab_size: int | None = Non
                           f"min_lr_ratio={o.min_lr_ratio}")
     if o.warmup_steps < 0:
         raise ConfigError(f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    c = cfg.checkpoint
+    if c.interval < 0 or c.keep_last < 0 or c.keep_every < 0:
+        raise ConfigError("checkpoint.interval, checkpoint.keep_last and checkpoint.keep_every must be "
+                          f">= 0, got {c.interval}, {c.keep_last}, {c.keep_every}")
+    if c.resume and c.init_from:
+        raise ConfigError("checkpoint.resume and checkpoint.init_from are exclusive: resume continues a "
+                          "run, init_from starts a new one from weights")
+    if t.fault is not None:
+        kind, _, at = t.fault.partition("@")
+        if kind not in ("nan_loss", "sigkill_in_save") or not at.isdigit():
+            raise ConfigError(f"trainer.fault={t.fault!r}: expected nan_loss@STEP or sigkill_in_save@STEP")
     if o.grad_clip < 0:
         raise ConfigError(f"optim.grad_clip must be >= 0, got {o.grad_clip}")
     if cfg.loss.vision_weight < 0:

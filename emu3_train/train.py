@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -53,6 +54,8 @@ def _hydra_main(dcfg: DictConfig) -> None:
 
 @record
 def main() -> None:
+    # one process without a process group is intended; DCP's background writer warns regardless
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     register_configs()
     if int(os.environ.get("RANK", 0)) != 0:
         sys.argv += _NON_ZERO_RANK_OVERRIDES

@@ -12,6 +12,8 @@ targets 0.
 from __future__ import annotations
 
 import math
+import signal
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -19,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from emu3_train.checkpoint import load_weights, save_checkpoint
+from emu3_train.checkpoint import CheckpointManager, load_checkpoint, load_weights
 from emu3_train.config import ConfigError, TrainConfig, grad_accum_steps, resolve_dp, validate
 from emu3_train.data.index import ShardError
 from emu3_train.data.loader import PackedLoader
@@ -78,13 +80,37 @@ class Trainer:
             seed=cfg.data.seed, vision_weight=cfg.loss.vision_weight,
             pack_window=cfg.data.pack_window, oversize_policy=cfg.data.oversize_policy)
         self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "ckpt")
-        self.logger = MetricLogger(cfg.wandb, self.run_dir, cfg.run_name, asdict(cfg), self.is_rank0)
+        self.checkpoints = CheckpointManager(
+            self.ckpt_dir, async_save=cfg.checkpoint.async_save, keep_last=cfg.checkpoint.keep_last,
+            keep_every=cfg.checkpoint.keep_every, is_rank0=self.is_rank0)
         self.step, self.tokens_seen, self.bad_steps = 0, 0, 0
+        self.loss_mean: float | None = None  # running mean for spike detection
+        self.stop_signal: str | None = None
+        if cfg.checkpoint.resume:
+            self._resume(cfg.checkpoint.resume)
+        self.logger = MetricLogger(cfg.wandb, self.run_dir, cfg.run_name, asdict(cfg), self.is_rank0)
         if self.is_rank0:
             n = sum(p.numel() for p in self.model.parameters())
             print(f"model {cfg.model.name}: {n / 1e6:.2f}M parameters, vocab {vocab_size}, "
                   f"device {self.device}, {self.dp} x {self.accum} x {cfg.data.micro_batch_size} rows "
                   f"of {cfg.data.seq_len} tokens per step", flush=True)
+
+    def _resume(self, where: str) -> None:
+        path = self.ckpt_dir if where == "latest" else Path(where)
+        if where == "latest" and not (path / "latest").is_file():
+            if self.is_rank0:
+                print(f"checkpoint.resume=latest: no checkpoint in {path} yet; starting fresh", flush=True)
+            return
+        meta = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        self.loader.load_state_dict(meta["loader"])
+        self.step, self.tokens_seen = int(meta["step"]), int(meta["tokens_seen"]) // self.dp
+        if self.is_rank0:
+            print(f"resumed from {meta['path']} at step {self.step}", flush=True)
+
+    def _fault(self, kind: str) -> bool:
+        """Test hook ``trainer.fault=KIND@STEP``: true at the step it names."""
+        fault = self.cfg.trainer.fault
+        return bool(fault) and fault == f"{kind}@{self.step + 1}"
 
     # -- one optimizer step ----------------------------------------------------------------------
     def train_step(self) -> dict:
@@ -103,6 +129,8 @@ class Trainer:
                                    b["loss_weight"].to(self.device), vision_start=self.vocab.vision_start,
                                    z_loss=cfg.loss.z_loss, impl=cfg.loss.impl,
                                    chunk_size=cfg.loss.chunk_size)
+            if self._fault("nan_loss"):
+                wsum = wsum * float("nan")
             (wsum / norm).backward()
             loss_sum += float(wsum.detach())
             for k, v in st.items():
@@ -137,11 +165,13 @@ class Trainer:
         window: list[dict] = []
         t_window = time.perf_counter()
         last = {}
+        previous = signal.signal(signal.SIGTERM, self._on_signal)
         try:
-            while self.step < cfg.trainer.max_steps:
+            while self.step < cfg.trainer.max_steps and self.stop_signal is None:
                 m = self.train_step()
                 window.append(m)
                 bar.update(1)
+                self._check_spike(m["train/loss"])
                 if not math.isfinite(m["train/loss"]) or m["train/skipped_step"]:
                     tqdm.write(f"step {self.step}: non-finite loss/grad norm, update skipped "
                                f"({self.bad_steps} in a row)")
@@ -153,13 +183,28 @@ class Trainer:
                     bar.set_postfix(loss=f"{last['train/loss']:.3f}")
                     if self.is_rank0:
                         tqdm.write(format_summary(self.step, cfg.trainer.max_steps, last))
+                        sys.stdout.flush()  # summary lines reach log files as they happen
                     self.logger.log(last, self.step)
                     window, t_window = [], time.perf_counter()
                 if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
                     self.save()
         finally:
             bar.close()  # so an error message starts on its own line
+            signal.signal(signal.SIGTERM, previous)
         return last
+
+    def _on_signal(self, signum, frame) -> None:
+        """SIGTERM (slurm's preemption notice): finish this step, checkpoint, exit 0."""
+        self.stop_signal = signal.Signals(signum).name
+
+    def _check_spike(self, loss: float) -> None:
+        factor = self.cfg.trainer.spike_factor
+        if not math.isfinite(loss):
+            return
+        if factor and self.loss_mean is not None and loss > factor * self.loss_mean and self.is_rank0:
+            tqdm.write(f"step {self.step}: loss spike {loss:.4f} > {factor} x running mean "
+                       f"{self.loss_mean:.4f}")
+        self.loss_mean = loss if self.loss_mean is None else 0.9 * self.loss_mean + 0.1 * loss
 
     def _summarize(self, window: list[dict], seconds: float) -> dict:
         out = {}
@@ -180,10 +225,15 @@ class Trainer:
         })
         return out
 
-    def save(self) -> Path:
-        return save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, self.scheduler,
-                               self.loader.state_dict(), asdict(self.cfg), self.tokens_seen * self.dp,
-                               self.is_rank0)
+    def save(self, wait: bool = False) -> Path:
+        """Checkpoint the current step (in the background with ``checkpoint.async_save``)."""
+        kill = self.cfg.trainer.fault == f"sigkill_in_save@{self.step}"  # fault-injection test hook
+        path = self.checkpoints.save(self.step, self.model, self.optimizer, self.scheduler,
+                                     self.loader.state_dict(), asdict(self.cfg),
+                                     self.tokens_seen * self.dp, kill_after_launch=kill)
+        if wait:
+            self.checkpoints.wait()
+        return path
 
     def evaluate(self) -> dict | None:
         """The recipe's evaluation (rank 0), logged as ``eval/*`` and ``samples/images``."""
@@ -212,9 +262,14 @@ def run_training(cfg: TrainConfig, run_dir: Path, rank: int = 0, world_size: int
         raise ConfigError(str(e)) from e
     try:
         last = trainer.fit()
-        path = trainer.save()
+        path = trainer.save(wait=True)
         if trainer.is_rank0:
             print(f"checkpoint: {path}", flush=True)
+        if trainer.stop_signal:
+            if trainer.is_rank0:
+                print(f"{trainer.stop_signal}: stopped at step {trainer.step} after checkpointing; "
+                      f"continue with checkpoint.resume=latest", flush=True)
+            return last
         result = trainer.evaluate()
         if result is not None:
             print(f"eval: t2i_accuracy {result['t2i_accuracy']:.3f} | i2t_accuracy "
@@ -222,5 +277,6 @@ def run_training(cfg: TrainConfig, run_dir: Path, rank: int = 0, world_size: int
                   flush=True)
             last = {**last, "eval": result}
     finally:
+        trainer.checkpoints.wait()  # publish a background save even when training failed
         trainer.logger.finish()
     return last

@@ -5,7 +5,13 @@ import json
 import pytest
 import torch
 
-from emu3_train.checkpoint import load_checkpoint, load_weights, resolve_checkpoint, save_checkpoint
+from emu3_train.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_weights,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from emu3_train.config import ModelConfig, OptimConfig
 from emu3_train.model.decoder import Emu3CausalLM
 from emu3_train.optim import build_optimizer, build_scheduler
@@ -68,7 +74,7 @@ def test_init_from_loads_weights_only_and_latest_moves(tmp_path):
 
 def test_incomplete_or_mismatched_checkpoint_fails(tmp_path):
     (tmp_path / "step_000001").mkdir()
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         resolve_checkpoint(tmp_path / "step_000001")
     model, opt, sched = _setup(0)
     save_checkpoint(tmp_path, 2, model, opt, sched, {}, {}, 0)

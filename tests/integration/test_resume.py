@@ -1,0 +1,80 @@
+"""Exact resume, background saves, retention, and falling back from a torn checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from emu3_train.checkpoint import CheckpointError, CheckpointManager, load_weights, resolve_checkpoint
+from emu3_train.recipes import compose
+from emu3_train.trainer import Trainer
+
+BASE = ["experiment=demo", "wandb.mode=disabled", "eval.task=none", "data.seq_len=256",
+        "model.num_layers=2", "model.attention_dropout=0.1", "trainer.max_steps=6",
+        "optim.warmup_steps=2"]
+
+
+def _trainer(demo_data, run_dir, *overrides):
+    cfg = compose([*BASE, f"data.path={demo_data / 'train'}", *overrides])
+    t = Trainer(cfg, run_dir)
+    t.setup()
+    return t
+
+
+def test_resume_continues_bitwise(demo_data, tmp_path):
+    full = _trainer(demo_data, tmp_path / "a")
+    expected = [full.train_step()["train/loss"] for _ in range(6)]
+
+    first = _trainer(demo_data, tmp_path / "b")
+    got = [first.train_step()["train/loss"] for _ in range(3)]
+    first.save(wait=True)
+    resumed = _trainer(demo_data, tmp_path / "b", "checkpoint.resume=latest")
+    assert resumed.step == 3 and resumed.loader.state_dict() == first.loader.state_dict()
+    got += [resumed.train_step()["train/loss"] for _ in range(3)]
+    assert got == expected  # bitwise, dropout included
+    assert resumed.loader.state_dict() == full.loader.state_dict()  # same rows consumed
+    for p, q in zip(full.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_background_save_holds_the_state_of_its_step(demo_data, tmp_path):
+    t = _trainer(demo_data, tmp_path, "checkpoint.async_save=true")
+    t.train_step()
+    snapshot = [p.detach().clone() for p in t.model.parameters()]
+    path = t.save()
+    for _ in range(2):  # keep training while the shards are written
+        t.train_step()
+    t.checkpoints.wait()
+    fresh = _trainer(demo_data, tmp_path / "other")
+    load_weights(path, fresh.model)
+    assert all(torch.equal(a, b) for a, b in zip(snapshot, fresh.model.parameters()))
+
+
+def test_retention_keeps_last_k_and_every_m(demo_data, tmp_path):
+    t = _trainer(demo_data, tmp_path)
+    manager = CheckpointManager(tmp_path / "ckpt", keep_last=2, keep_every=4)
+    for step in range(1, 9):
+        manager.save(step, t.model, t.optimizer, t.scheduler, {}, {}, 0)
+    kept = sorted(p.name for p in (tmp_path / "ckpt").glob("step_*"))
+    assert kept == ["step_000004", "step_000007", "step_000008"]
+
+
+def test_truncated_shard_falls_back_with_warning(demo_data, tmp_path):
+    t = _trainer(demo_data, tmp_path)
+    manager = CheckpointManager(tmp_path / "ckpt")
+    for step in (1, 2):
+        t.train_step()
+        manager.save(step, t.model, t.optimizer, t.scheduler, {}, {}, 0)
+    shard = next((tmp_path / "ckpt" / "step_000002").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: truncated"):
+        resolve_checkpoint(tmp_path / "ckpt" / "step_000002")
+    with pytest.warns(UserWarning, match="truncated"):
+        assert resolve_checkpoint(tmp_path / "ckpt").name == "step_000001"
+
+
+def test_loss_spike_is_reported(demo_data, tmp_path, capsys):
+    t = _trainer(demo_data, tmp_path, "trainer.spike_factor=2.0")
+    for loss in (1.0, 1.1, 0.9, 5.0):
+        t._check_spike(loss)
+    assert "loss spike 5.0000 > 2.0 x running mean" in capsys.readouterr().out
