@@ -20,6 +20,8 @@ DEMO_DIR ?= data/demo
 export PIP_CONSTRAINT := $(abspath constraints.txt)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export TIKTOKEN_CACHE_DIR :=
+# DeepSpeed is used for Ulysses only: install it without compiling its CUDA/C++ ops.
+export DS_BUILD_OPS := 0
 
 ifeq ($(DATA),demo)
 STAGE1_ARGS := experiment=demo model=$(MODEL)

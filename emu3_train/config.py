@@ -173,19 +173,6 @@ def _get(cfg, dotted: str):
     return obj
 
 
-def resolve_dp(cfg: TrainConfig, world_size: int) -> int:
-    """The data-parallel size: ``parallel.dp``, or world_size / (cp * tp) when it is ``auto``."""
-    p = cfg.parallel
-    if p.dp == "auto":
-        if world_size % (p.cp * p.tp):
-            raise ConfigError(f"world size {world_size} is not divisible by parallel.cp * parallel.tp "
-                              f"= {p.cp} * {p.tp}")
-        return world_size // (p.cp * p.tp)
-    if not isinstance(p.dp, int) or p.dp < 1:
-        raise ConfigError(f"parallel.dp must be a positive integer or 'auto', got {p.dp!r}")
-    return p.dp
-
-
 def validate(cfg: TrainConfig, world_size: int = 1, vocab_size: int | None = None) -> None:
     """Reject impossible configurations, naming the field. Allocates nothing.
 
@@ -250,24 +237,9 @@ def validate(cfg: TrainConfig, world_size: int = 1, vocab_size: int | None = Non
     if cfg.loss.vision_weight < 0:
         raise ConfigError(f"loss.vision_weight must be >= 0, got {cfg.loss.vision_weight}")
 
-    dp = resolve_dp(cfg, world_size)
-    if dp * p.cp * p.tp != world_size:
-        raise ConfigError(f"parallel.dp * parallel.cp * parallel.tp = {dp} * {p.cp} * {p.tp} "
-                          f"!= world size {world_size}")
-    if m.num_heads % p.tp or m.num_kv_heads % p.tp:
-        raise ConfigError(f"model.num_heads={m.num_heads} and model.num_kv_heads={m.num_kv_heads} "
-                          f"must be divisible by parallel.tp={p.tp}")
-    if (p.cp > 1 or p.tp > 1) and d.seq_len % (2 * p.cp * p.tp):
-        raise ConfigError(f"data.seq_len={d.seq_len} must be divisible by 2 * parallel.cp * "
-                          f"parallel.tp = {2 * p.cp * p.tp}")
-    if d.global_batch_size % (d.micro_batch_size * dp):
-        raise ConfigError(f"data.global_batch_size={d.global_batch_size} is not divisible by "
-                          f"data.micro_batch_size * dp = {d.micro_batch_size} * {dp}")
-    if p.cp > 1 or p.tp > 1 or world_size > 1:
-        raise ConfigError(f"parallel: dp={dp}, cp={p.cp}, tp={p.tp} (world size {world_size}): only "
-                          "single-process training is implemented yet; use parallel=single")
+    from emu3_train.parallel.dims import ParallelDims  # the layout checks live with the layout
 
-
-def grad_accum_steps(cfg: TrainConfig, dp: int) -> int:
-    """Micro-batches per optimizer step on each rank."""
-    return cfg.data.global_batch_size // (cfg.data.micro_batch_size * dp)
+    dims = ParallelDims.from_config(cfg, world_size)
+    if dims.world_size > 1:
+        raise ConfigError(f"parallel: dp={dims.dp}, cp={dims.cp}, tp={dims.tp} (world size {world_size}): "
+                          "only single-process training is implemented yet; use parallel=single")

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from emu3_train.checkpoint import CheckpointManager, load_checkpoint, load_weights
-from emu3_train.config import ConfigError, TrainConfig, grad_accum_steps, resolve_dp, validate
+from emu3_train.config import ConfigError, TrainConfig, validate
 from emu3_train.data.index import ShardError
 from emu3_train.data.loader import PackedLoader
 from emu3_train.data.stream import ShardSet
@@ -30,6 +30,7 @@ from emu3_train.loss import class_means, weighted_ce
 from emu3_train.metrics import MetricLogger, format_summary
 from emu3_train.model.decoder import Emu3CausalLM, apply_recompute
 from emu3_train.optim import build_optimizer, build_scheduler
+from emu3_train.parallel.dims import ParallelDims
 from emu3_train.vocab import get_vocab
 
 
@@ -57,8 +58,8 @@ class Trainer:
         cfg = self.cfg
         self.vocab = get_vocab(cfg.data.vocab)
         validate(cfg, self.world_size, self.vocab.size)
-        self.dp = resolve_dp(cfg, self.world_size)
-        self.accum = grad_accum_steps(cfg, self.dp)
+        self.dims = ParallelDims.from_config(cfg, self.world_size)
+        self.dp, self.accum = self.dims.dp, self.dims.grad_accum_steps(cfg)
         shards = ShardSet(cfg.data.path, self.vocab)
         if cfg.eval.task == "digits":
             ShardSet(cfg.eval.path, self.vocab)  # fail now, not after training

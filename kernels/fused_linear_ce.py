@@ -5,12 +5,17 @@
                                                  vision_start=vocab.vision_start)
     (loss_sum / global_weight_sum).backward()
 
-``impl`` (config ``loss.impl``): ``reference`` is the chunked PyTorch implementation
-(:mod:`emu3_train.kernels.reference`); ``auto`` picks the best available, the reference until the
-Triton kernel lands; ``triton`` raises NotImplementedError for now.
+``impl`` (config ``loss.impl``): ``triton`` is the tiled Triton kernel
+(:mod:`emu3_train.kernels.triton_ce`, no logits beyond one tile per program), for CUDA tensors, or
+for CPU tensors under ``TRITON_INTERPRET=1`` (tests); ``reference`` is the chunked PyTorch
+implementation (:mod:`emu3_train.kernels.reference`, the CPU path and the test oracle); ``auto``
+is Triton for CUDA tensors and the reference otherwise. All three share one contract.
 """
 
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import torch
 import torch.distributed as dist
@@ -19,7 +24,29 @@ from .reference import STAT_KEYS, chunked_linear_cross_entropy
 
 IMPLS = ("auto", "reference", "triton")
 
-__all__ = ["IMPLS", "STAT_KEYS", "fused_linear_cross_entropy"]
+__all__ = ["IMPLS", "STAT_KEYS", "fused_linear_cross_entropy", "resolve_impl"]
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """The implementation ``impl`` means for tensors on ``device``: "triton" or "reference".
+
+    Raises NotImplementedError when Triton is asked for where it cannot run (CPU tensors without
+    ``TRITON_INTERPRET=1``, or triton not installed).
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"loss.impl={impl!r} is unknown; choose one of {IMPLS}")
+    has_triton = importlib.util.find_spec("triton") is not None
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and has_triton else "reference"
+    if impl == "triton":
+        if not has_triton:
+            raise NotImplementedError("loss.impl='triton' needs the triton package; install it or "
+                                      "use loss.impl=reference")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise NotImplementedError(f"loss.impl='triton': the Triton kernel needs a CUDA device or "
+                                      f"TRITON_INTERPRET=1 (CPU interpreter, slow); the tensors are on "
+                                      f"{device}. Use loss.impl=auto or loss.impl=reference")
+    return impl
 
 
 def _validate(hidden, weight, labels, loss_weight, vocab_start, tp_group, ignore_index, chunk_size):
@@ -75,8 +102,9 @@ def fused_linear_cross_entropy(
         loss_weight: float [N], per-token weight (not differentiated); <= 0 means not counted.
         vision_start: ids >= this are visual-code targets in the stats; None = all text.
         z_loss: coefficient of the log-sum-exp^2 regularizer (``loss.z_loss``).
-        impl: ``loss.impl``: auto | reference | triton.
-        chunk_size: tokens per logits chunk (``loss.chunk_size``).
+        impl: ``loss.impl``: auto | reference | triton (see the module docstring).
+        chunk_size: tokens per logits chunk (``loss.chunk_size``) of the reference; the Triton
+            kernel works in fixed tiles and ignores it.
 
     Returns:
         (weighted_loss_sum, stats). The loss is an fp32 scalar; the caller divides it by the
@@ -85,12 +113,19 @@ def fused_linear_cross_entropy(
         targets, and ``z_loss_sum`` (unweighted sum of ``z_loss * lse^2``), all over counted
         tokens. With ``tp_group`` the grad w.r.t. hidden is already all-reduced over the group.
     """
-    if impl == "triton":
-        raise NotImplementedError("loss.impl='triton': the Triton fused linear-CE kernel is not "
-                                  "implemented yet; use loss.impl=auto or loss.impl=reference")
-    if impl not in IMPLS:
-        raise ValueError(f"loss.impl={impl!r} is unknown; choose one of {IMPLS}")
+    impl = resolve_impl(impl, hidden.device)
     _validate(hidden, weight, labels, loss_weight, vocab_start, tp_group, ignore_index, chunk_size)
+    if impl == "triton":
+        from . import triton_ce  # imported on first use: triton decides interpret-or-compile at import
+
+        if hidden.device.type != "cuda" and not triton_ce.INTERPRETED:
+            raise NotImplementedError("loss.impl='triton' on CPU: TRITON_INTERPRET=1 was set after "
+                                      "emu3_train.kernels.triton_ce was first imported; set it before "
+                                      "starting Python")
+        return triton_ce.triton_linear_cross_entropy(
+            hidden, weight, labels, loss_weight, vocab_start=vocab_start, tp_group=tp_group,
+            ignore_index=ignore_index, vision_start=vision_start, z_loss=z_loss,
+        )
     return chunked_linear_cross_entropy(
         hidden, weight, labels, loss_weight, vocab_start=vocab_start, tp_group=tp_group,
         ignore_index=ignore_index, vision_start=vision_start, z_loss=z_loss, chunk_size=chunk_size,

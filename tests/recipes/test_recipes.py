@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from emu3_train.config import ConfigError, TrainConfig, grad_accum_steps, validate
+from emu3_train.config import ConfigError, TrainConfig, validate
+from emu3_train.parallel.dims import ParallelDims
 from emu3_train.recipes import compose, recipes_dir
 from emu3_train.vocab import get_vocab
 
@@ -55,7 +56,8 @@ def test_stage_experiments():
     assert s2.data.seq_len == 131_072
     demo = compose(["experiment=demo"])
     assert demo.eval.task == "digits" and demo.model.name == "tiny"
-    assert grad_accum_steps(demo, 1) * demo.data.micro_batch_size == demo.data.global_batch_size
+    accum = ParallelDims.from_config(demo, 1).grad_accum_steps(demo)
+    assert accum * demo.data.micro_batch_size == demo.data.global_batch_size
 
 
 def test_command_line_beats_experiment_defaults():

@@ -1,0 +1,64 @@
+"""Run a function on N gloo processes on this CPU and collect each rank's return value.
+
+    from harness import run_distributed
+    results = run_distributed(fn, world_size=2, args=(...))   # fn(rank, world_size, *args) -> picklable
+
+Each process gets RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT and an initialized gloo process group
+(timeout 120 s, so a broken test fails instead of hanging). Exceptions are re-raised in the caller
+with the failing rank named.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, fn, args, queue):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
+        queue.put((rank, "ok", fn(rank, world_size, *args)))
+    except BaseException:  # noqa: BLE001 - report everything to the parent
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(fn, world_size: int, args: tuple = (), timeout: float = 300) -> list:
+    """``[fn(0, ...), fn(1, ...), ...]`` computed on ``world_size`` spawned gloo processes."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, object] = {}
+    errors = []
+    for _ in range(world_size):
+        rank, status, value = queue.get()
+        if status == "ok":
+            results[rank] = value
+        else:
+            errors.append(f"rank {rank} failed:\n{value}")
+    for p in procs:
+        p.join(timeout)
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return [results[r] for r in range(world_size)]
