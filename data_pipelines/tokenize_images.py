@@ -140,7 +140,12 @@ class VisionTokenizer:
             raise ValueError(f"need 0 < min_pixels <= max_pixels, got {p.min_pixels} and {p.max_pixels}")
         p.size = {"min_pixels": p.min_pixels, "max_pixels": p.max_pixels}
         self.device = _pick_device(device)
-        self.vq = Emu3VQVAE.from_pretrained(vq_path).to(self.device).eval()
+        vq, info = Emu3VQVAE.from_pretrained(vq_path, output_loading_info=True)
+        missing = sorted(info["missing_keys"]) + sorted(k for k, *_ in info["mismatched_keys"])
+        if missing:  # from_pretrained would leave them random: the codes would be noise
+            raise ValueError(f"{vq_path}: {len(missing)} Emu3VQVAE weights are missing or mismatched (e.g. "
+                             f"{missing[0]}); save the VQ-VAE of an HF-format Emu3 checkpoint there")
+        self.vq = vq.to(self.device).eval()
         self.spatial = int(self.vq.vision_spatial_factor)
         self.temporal = int(self.vq.config.temporal_downsample_factor)
         self.codebook_size = int(self.vq.config.codebook_size)
@@ -340,8 +345,10 @@ def tokenize_images(items: Sequence[Item], captions: dict[str, str], vt: VisionT
     counts = {"images": 0, "clips": 0, "skipped": len(items) - len(todo)}
     if progress is not None:
         progress(counts["skipped"])
+    from tqdm import tqdm
+
     shapes = {}
-    for it in todo:
+    for it in tqdm(todo, desc="reading sizes", unit="item", file=sys.stderr, disable=progress is None):
         try:
             shapes[it.name] = vt.resized_shape(*image_size(it.frames[0]))
         except ValueError as e:  # smart_resize refuses extreme aspect ratios

@@ -3,7 +3,7 @@
     ckpt/step_000300/  .metadata + *.distcp   torch.distributed.checkpoint (model, optimizer)
                        scheduler.json         LR scheduler state
                        loader.json            the data stream's global cursor
-                       rng.pt                 RNG states (tensors only: loads with weights_only=True)
+                       rng/rank_NNNNN.pt      each rank's RNG states (tensors only: weights_only=True)
                        meta.json              resolved config, step, tokens seen, git sha, versions
     ckpt/latest        the name of the newest complete checkpoint (written last)
 
@@ -26,6 +26,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -34,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-SIDE_FILES = ("scheduler.json", "loader.json", "rng.pt", "meta.json")
+SIDE_FILES = ("scheduler.json", "loader.json", "meta.json")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -55,6 +56,19 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 def _quiet(fn, *args, **kwargs):
     with warnings.catch_warnings():  # one process without a process group is intended here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -70,6 +84,8 @@ class CheckpointManager:
         self.async_save, self.keep_last, self.keep_every = async_save, keep_last, keep_every
         self.is_rank0 = is_rank0
         self._pending = None  # (future, tmp, final)
+        # background writes must not share a process group with the training collectives
+        self._group = dist.new_group(backend="gloo") if _world() > 1 else None
 
     def save(self, step: int, model, optimizer, scheduler, loader_state: dict, config: dict,
              tokens_seen: int, kill_after_launch: bool = False) -> Path:
@@ -78,38 +94,43 @@ class CheckpointManager:
         final, tmp = self.dir / f"step_{step:06d}", self.dir / f".tmp_step_{step:06d}"
         if self.is_rank0:
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            (tmp / "rng").mkdir(parents=True)
+        _barrier()  # the temp dir exists before any rank writes into it
+        torch.save({"cpu": torch.get_rng_state(),
+                    "cuda": torch.stack(torch.cuda.get_rng_state_all()) if torch.cuda.is_available()
+                    else torch.empty(0, dtype=torch.uint8)}, tmp / "rng" / f"rank_{_rank():05d}.pt")
+        if self.is_rank0:
             _write_json(tmp / "scheduler.json", scheduler.state_dict())
             _write_json(tmp / "loader.json", loader_state)
-            torch.save({"cpu": torch.get_rng_state(),
-                        "cuda": torch.stack(torch.cuda.get_rng_state_all()) if torch.cuda.is_available()
-                        else torch.empty(0, dtype=torch.uint8)}, tmp / "rng.pt")
             _write_json(tmp / "meta.json", {
                 "step": step, "tokens_seen": tokens_seen, "config": config, "git_sha": _git_sha(),
-                "versions": {"torch": torch.__version__},
+                    "versions": {"torch": torch.__version__}, "world_size": _world(),
             })
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         if self.async_save:
-            future = _quiet(dcp.async_save, state, checkpoint_id=str(tmp))  # stages a copy first
+            future = _quiet(dcp.async_save, state, checkpoint_id=str(tmp), process_group=self._group)
             self._pending = (future, tmp, final)
             if kill_after_launch:  # fault-injection hook: die while shards are being written
                 os.kill(os.getpid(), signal.SIGKILL)
         else:
-            _quiet(dcp.save, state, checkpoint_id=str(tmp))
+            _quiet(dcp.save, state, checkpoint_id=str(tmp), process_group=self._group)
+            _barrier()
             self._finalize(tmp, final)
         return final
 
     def wait(self) -> None:
-        """Block until the pending background save is on disk, then publish it."""
+        """Block until the pending background save is on disk (on every rank), then publish it."""
         if self._pending is not None:
             future, tmp, final = self._pending
             self._pending = None
             future.result()
+            _barrier()
             self._finalize(tmp, final)
 
     def _finalize(self, tmp: Path, final: Path) -> None:
         if not self.is_rank0:
+            _barrier()
             return
         if final.exists():
             shutil.rmtree(final)
@@ -118,6 +139,7 @@ class CheckpointManager:
         latest_tmp.write_text(final.name + "\n")
         os.replace(latest_tmp, self.dir / "latest")
         self._prune()
+        _barrier()  # no rank reads `latest` before it is written
 
     def _prune(self) -> None:
         steps = sorted(int(m.group(1)) for p in self.dir.iterdir() if (m := _STEP_DIR.match(p.name)))
@@ -221,10 +243,12 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler) -> dic
     _quiet(dcp.load, state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
-    rng = torch.load(path / "rng.pt", weights_only=True)
-    torch.set_rng_state(rng["cpu"])
-    if torch.cuda.is_available() and rng["cuda"].numel():
-        torch.cuda.set_rng_state_all(list(rng["cuda"]))
+    rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
+    if rng_file.is_file():  # absent when resuming on more ranks than saved: keep the seeded streams
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if torch.cuda.is_available() and rng["cuda"].numel():
+            torch.cuda.set_rng_state_all(list(rng["cuda"]))
     meta = json.loads((path / "meta.json").read_text())
     meta["loader"] = json.loads((path / "loader.json").read_text())
     meta["path"] = str(path)

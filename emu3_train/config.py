@@ -240,6 +240,6 @@ def validate(cfg: TrainConfig, world_size: int = 1, vocab_size: int | None = Non
     from emu3_train.parallel.dims import ParallelDims  # the layout checks live with the layout
 
     dims = ParallelDims.from_config(cfg, world_size)
-    if dims.world_size > 1:
-        raise ConfigError(f"parallel: dp={dims.dp}, cp={dims.cp}, tp={dims.tp} (world size {world_size}): "
-                          "only single-process training is implemented yet; use parallel=single")
+    if dims.cp > 1 or dims.tp > 1:
+        raise ConfigError(f"parallel: cp={dims.cp}, tp={dims.tp}: context and tensor parallel training are "
+                          "not wired into the trainer yet; use data parallelism (parallel.dp)")

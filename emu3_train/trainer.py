@@ -26,11 +26,13 @@ from emu3_train.config import ConfigError, TrainConfig, validate
 from emu3_train.data.index import ShardError
 from emu3_train.data.loader import PackedLoader
 from emu3_train.data.stream import ShardSet
-from emu3_train.loss import class_means, weighted_ce
 from emu3_train.metrics import MetricLogger, format_summary
-from emu3_train.model.decoder import Emu3CausalLM, apply_recompute
+from emu3_train.model.decoder import Emu3CausalLM
 from emu3_train.optim import build_optimizer, build_scheduler
 from emu3_train.parallel.dims import ParallelDims
+from emu3_train.parallel.mesh import build_mesh, init_distributed
+from emu3_train.parallel.parallelize import parallelize
+from emu3_train.step import StepContext, clip_grad_norm, forward_backward
 from emu3_train.vocab import get_vocab
 
 
@@ -66,18 +68,24 @@ class Trainer:
         self.device = pick_device(cfg.trainer.device)
         if cfg.trainer.threads:
             torch.set_num_threads(cfg.trainer.threads)
-        torch.manual_seed(cfg.trainer.seed)
+        self.rank, _ = init_distributed(self.device.type, cfg.parallel.timeout_s)
+        self.is_rank0 = self.rank == 0
+        self.mesh = build_mesh(self.dims, self.device.type)
+        dp_rank, self.cp_rank, _ = self.dims.coords(self.rank)
+        torch.manual_seed(cfg.trainer.seed)  # identical weights on every rank before the passes
 
-        vocab_size = cfg.model.vocab_size or self.vocab.size
-        self.model = Emu3CausalLM(cfg.model, vocab_size).to(self.device)
-        apply_recompute(self.model, cfg.model.recompute)
+        self.vocab_size = cfg.model.vocab_size or self.vocab.size
+        self.model = Emu3CausalLM(cfg.model, self.vocab_size).to(self.device)
         if cfg.checkpoint.init_from:
             load_weights(cfg.checkpoint.init_from, self.model)
+        parallelize(self.model, self.dims, self.mesh, cfg)
+        self.step_ctx = self._step_context()
+        torch.manual_seed(cfg.trainer.seed + 1 + self.rank)  # per-rank dropout streams
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
         self.loader = PackedLoader(
             shards, seq_len=cfg.data.seq_len, micro_batch_size=cfg.data.micro_batch_size,
-            dp_rank=self.rank // (cfg.parallel.cp * cfg.parallel.tp), dp_size=self.dp,
+            dp_rank=dp_rank, dp_size=self.dp,
             seed=cfg.data.seed, vision_weight=cfg.loss.vision_weight,
             pack_window=cfg.data.pack_window, oversize_policy=cfg.data.oversize_policy)
         self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "ckpt")
@@ -92,9 +100,26 @@ class Trainer:
         self.logger = MetricLogger(cfg.wandb, self.run_dir, cfg.run_name, asdict(cfg), self.is_rank0)
         if self.is_rank0:
             n = sum(p.numel() for p in self.model.parameters())
-            print(f"model {cfg.model.name}: {n / 1e6:.2f}M parameters, vocab {vocab_size}, "
-                  f"device {self.device}, {self.dp} x {self.accum} x {cfg.data.micro_batch_size} rows "
-                  f"of {cfg.data.seq_len} tokens per step", flush=True)
+            print(f"model {cfg.model.name}: {n / 1e6:.2f}M parameters, vocab {self.vocab_size}, "
+                  f"device {self.device}, dp {self.dp} x cp {self.dims.cp} x tp {self.dims.tp}; "
+                  f"{self.dp} x {self.accum} x {cfg.data.micro_batch_size} rows of {cfg.data.seq_len} "
+                  "tokens per step", flush=True)
+
+    def _step_context(self) -> StepContext:
+        cfg = self.cfg
+        ctx = StepContext(device=self.device, bf16=cfg.trainer.precision == "bf16",
+                          vision_start=self.vocab.vision_start, z_loss=cfg.loss.z_loss,
+                          impl=cfg.loss.impl, chunk_size=cfg.loss.chunk_size, mesh=self.mesh)
+        if self.dims.tp > 1:
+            from emu3_train.parallel.tensor_parallel import output_shard
+
+            ctx.head = output_shard
+        if self.dims.cp > 1:
+            from emu3_train.parallel.context_parallel import CP_EXTRA_INPUTS, shard_batch
+
+            ctx.shard = lambda batch: shard_batch(batch, self.cp_rank, self.dims.cp)
+            ctx.extra_inputs = CP_EXTRA_INPUTS
+        return ctx
 
     def _resume(self, where: str) -> None:
         path = self.ckpt_dir if where == "latest" else Path(where)
@@ -115,31 +140,12 @@ class Trainer:
 
     # -- one optimizer step ----------------------------------------------------------------------
     def train_step(self) -> dict:
-        cfg, model = self.cfg, self.model
+        cfg = self.cfg
         batches = [next(self.loader) for _ in range(self.accum)]
-        total_weight = sum(float(b["loss_weight"].sum()) for b in batches)
-        norm = max(total_weight, 1e-12)
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                  enabled=cfg.trainer.precision == "bf16")
-        loss_sum, stats = 0.0, {}
-        for b in batches:
-            with autocast:
-                hidden = model(b["tokens"].to(self.device), b["position_ids"].to(self.device),
-                               b["cu_seqlens"].to(self.device))
-            wsum, st = weighted_ce(hidden, model.lm_head.weight, b["labels"].to(self.device),
-                                   b["loss_weight"].to(self.device), vision_start=self.vocab.vision_start,
-                                   z_loss=cfg.loss.z_loss, impl=cfg.loss.impl,
-                                   chunk_size=cfg.loss.chunk_size)
-            if self._fault("nan_loss"):
-                wsum = wsum * float("nan")
-            (wsum / norm).backward()
-            loss_sum += float(wsum.detach())
-            for k, v in st.items():
-                stats[k] = stats.get(k, 0.0) + float(v)
-        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
-        loss = loss_sum / norm
-        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        self.step_ctx.fault_nan = self._fault("nan_loss")
+        out = forward_backward(self.model, batches, self.step_ctx)
+        grad_norm = clip_grad_norm(self.model, cfg.optim.grad_clip)
+        finite = math.isfinite(out["loss"]) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
             self.scheduler.step()
@@ -148,14 +154,13 @@ class Trainer:
             self.bad_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        n_tokens = sum(int(b["tokens"].numel()) for b in batches)
+        n_tokens = sum(int(b["tokens"].numel()) for b in batches)  # this dp rank's rows
         self.tokens_seen += n_tokens
-        means = class_means(stats)
-        return {"train/loss": loss, "train/loss_text": means["loss_text"],
-                "train/loss_vision": means["loss_vision"], "train/grad_norm": grad_norm,
+        return {"train/loss": out["loss"], "train/loss_text": out["loss_text"],
+                "train/loss_vision": out["loss_vision"], "train/grad_norm": grad_norm,
                 "train/lr": self.scheduler.get_last_lr()[0], "train/skipped_step": 0.0 if finite else 1.0,
-                "tokens": n_tokens,
-                "pad": sum(b["num_pad"] for b in batches), "docs": sum(b["num_docs"] for b in batches),
+                "tokens": n_tokens, "pad": sum(b["num_pad"] for b in batches),
+                "docs": sum(b["num_docs"] for b in batches),
                 "rows": sum(int(b["tokens"].shape[0]) for b in batches)}
 
     # -- the loop --------------------------------------------------------------------------------
@@ -168,7 +173,7 @@ class Trainer:
         last = {}
         previous = signal.signal(signal.SIGTERM, self._on_signal)
         try:
-            while self.step < cfg.trainer.max_steps and self.stop_signal is None:
+            while self.step < cfg.trainer.max_steps and not self._should_stop():
                 m = self.train_step()
                 window.append(m)
                 bar.update(1)
@@ -194,6 +199,16 @@ class Trainer:
             signal.signal(signal.SIGTERM, previous)
         return last
 
+    def _should_stop(self) -> bool:
+        """True once any rank got a stop signal (all ranks agree, so they stop at the same step)."""
+        if self.world_size == 1:
+            return self.stop_signal is not None
+        flag = torch.tensor([0 if self.stop_signal is None else int(signal.Signals[self.stop_signal])])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() and self.stop_signal is None:
+            self.stop_signal = signal.Signals(int(flag.item())).name
+        return bool(flag.item())
+
     def _on_signal(self, signum, frame) -> None:
         """SIGTERM (slurm's preemption notice): finish this step, checkpoint, exit 0."""
         self.stop_signal = signal.Signals(signum).name
@@ -217,8 +232,8 @@ class Trainer:
         out.update({
             "train/lr": window[-1]["train/lr"],
             "train/skipped_steps": sum(m["train/skipped_step"] for m in window),
-            "perf/tokens_per_s": tokens * self.world_size / seconds,
-            "perf/tokens_per_s_per_gpu": tokens / seconds,
+            "perf/tokens_per_s": tokens * self.dp / seconds,
+            "perf/tokens_per_s_per_gpu": tokens * self.dp / self.world_size / seconds,
             "data/fill": 1.0 - sum(m["pad"] for m in window) / max(1, tokens),
             "data/docs_per_row": sum(m["docs"] for m in window) / max(1, sum(m["rows"] for m in window)),
             "data/skipped": float(self.loader.stats().get("skipped", 0)),
@@ -236,13 +251,30 @@ class Trainer:
             self.checkpoints.wait()
         return path
 
+    def _plain_model(self):
+        """The model itself (one process), or on rank 0 a plain copy gathered from every rank."""
+        if self.world_size == 1:
+            return self.model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
+                                                                         cpu_offload=True))
+        if not self.is_rank0:
+            return None
+        plain = Emu3CausalLM(self.cfg.model, self.vocab_size)
+        plain.load_state_dict(full)
+        return plain.to(self.device)
+
     def evaluate(self) -> dict | None:
         """The recipe's evaluation (rank 0), logged as ``eval/*`` and ``samples/images``."""
-        if self.cfg.eval.task != "digits" or not self.is_rank0:
+        if self.cfg.eval.task != "digits":
             return None
         from emu3_train.evaluate import evaluate_digits
 
-        result = evaluate_digits(self.model, self.vocab, self.cfg.eval, self.cfg.data.path,
+        model = self._plain_model()  # collective: every rank takes part
+        if not self.is_rank0:
+            return None
+        result = evaluate_digits(model, self.vocab, self.cfg.eval, self.cfg.data.path,
                                  self.run_dir, self.device)
         self.logger.log({f"eval/{k}": v for k, v in result.items() if isinstance(v, float)}, self.step)
         self.logger.log_image("samples/images", self.run_dir / "samples.png",

@@ -158,22 +158,21 @@ def _grad_kernel(h_ptr, w_ptr, rows_ptr, target_ptr, lse_ptr, coef_ptr, onehot_p
         cols = h0 + offs_h
         h_mask = cols < H
         if COMPUTE_DH:
-            w = tl.load(w_ptr + offs_v[:, None] * stride_wv + cols[None, :] * stride_wh,
-                        mask=v_mask[:, None] & h_mask[None, :], other=0.0)  # [BLOCK_V, BLOCK_H]
+            w_tile = tl.load(w_ptr + offs_v[:, None] * stride_wv + cols[None, :] * stride_wh,
+                             mask=v_mask[:, None] & h_mask[None, :], other=0.0)  # [BLOCK_V, BLOCK_H]
             if DOT_FP32:
-                w = w.to(tl.float32)
-            part = tl.dot(grad_op, w, input_precision=PRECISION)  # [BLOCK_N, BLOCK_H]
+                w_tile = w_tile.to(tl.float32)
+            part = tl.dot(grad_op, w_tile, input_precision=PRECISION)  # [BLOCK_N, BLOCK_H]
             tl.atomic_add(grad_h_ptr + rows[:, None] * stride_ghn + cols[None, :], part,
                           mask=n_mask[:, None] & h_mask[None, :], sem="relaxed")
         if COMPUTE_DW:
-            h = tl.load(h_ptr + rows[:, None] * stride_hn + cols[None, :] * stride_hh,
-                        mask=h_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_H]
+            h_tile = tl.load(h_ptr + rows[:, None] * stride_hn + cols[None, :] * stride_hh,
+                             mask=h_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_H]
             if DOT_FP32:
-                h = h.to(tl.float32)
-            part = tl.dot(tl.trans(grad_op), h, input_precision=PRECISION)  # [BLOCK_V, BLOCK_H]
+                h_tile = h_tile.to(tl.float32)
+            part = tl.dot(tl.trans(grad_op), h_tile, input_precision=PRECISION)  # [BLOCK_V, BLOCK_H]
             tl.atomic_add(grad_w_ptr + offs_v[:, None] * stride_gwv + cols[None, :], part,
                           mask=v_mask[:, None] & h_mask[None, :], sem="relaxed")
-
 
 INTERPRETED: bool = bool(getattr(triton.knobs.runtime, "interpret", False))
 """True when this module's kernels were defined under ``TRITON_INTERPRET=1`` (they run on CPU)."""

@@ -76,6 +76,20 @@ class DecoderLayer(nn.Module):
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
+def document_layout(
+    cu_seqlens: torch.Tensor, position_ids: torch.Tensor, token_index: torch.Tensor | None = None
+) -> DocumentLayout:
+    """The single-process layout of a whole batch (:attr:`Decoder.make_layout`'s default).
+
+    ``token_index`` marks a context-parallel shard; only the layout that
+    ``parallel.context_parallel.apply_cp`` installs knows what to do with it.
+    """
+    if token_index is not None:
+        raise ValueError("token_index marks a context-parallel shard, but this model has no "
+                         "context-parallel layout: apply parallel.context_parallel.apply_cp first")
+    return DocumentLayout(cu_seqlens, position_ids)
+
+
 class Decoder(nn.Module):
     """Embedding, ``cfg.num_layers`` decoder layers, final RMSNorm (HF ``Emu3TextModel``).
 
@@ -92,6 +106,9 @@ class Decoder(nn.Module):
         self.head_dim = cfg.hidden_size // cfg.num_heads
         self.init_std = cfg.init_std
         self.recompute = "none"  # set by apply_recompute
+        # (cu_seqlens, position_ids, token_index) -> the ``docs`` every attention core receives;
+        # context parallelism swaps it for a layout that knows the shard's global token indices.
+        self.make_layout = document_layout
         self.embed_tokens = nn.Embedding(vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -109,14 +126,23 @@ class Decoder(nn.Module):
                 nn.init.ones_(module.weight)
 
     def forward(
-        self, tokens: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor
+        self,
+        tokens: torch.Tensor,
+        position_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        token_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens, position_ids int64 [B, S]; cu_seqlens int32 [D + 1] over the flattened B*S
-        tokens (see :class:`DocumentLayout`) -> hidden [B, S, H] after the final norm."""
+        tokens (see :class:`DocumentLayout`) -> hidden [B, S, H] after the final norm.
+
+        Under context parallelism the inputs are this rank's shard ([B, S / cp]), ``cu_seqlens``
+        still describes the whole batch, and ``token_index`` int64 [B, S / cp] gives each local
+        token's index among the flattened global B*S tokens (``context_parallel.shard_batch``).
+        """
         if tokens.shape != position_ids.shape:
             raise ValueError(f"tokens {tuple(tokens.shape)} and position_ids "
                              f"{tuple(position_ids.shape)} must have the same [B, S] shape")
-        docs = DocumentLayout(cu_seqlens, position_ids)
+        docs = self.make_layout(cu_seqlens, position_ids, token_index)
         x = self.embed_tokens(tokens)
         cos, sin = rope_cos_sin(position_ids, self.head_dim, self.rope_theta, dtype=x.dtype)
         recompute = self.recompute == "full" and torch.is_grad_enabled()
@@ -147,10 +173,14 @@ class Emu3CausalLM(nn.Module):
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=self.model.init_std)
 
     def forward(
-        self, tokens: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor
+        self,
+        tokens: torch.Tensor,
+        position_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        token_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Same as :meth:`Decoder.forward`: -> hidden [B, S, H]."""
-        return self.model(tokens, position_ids, cu_seqlens)
+        return self.model(tokens, position_ids, cu_seqlens, token_index)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., H] -> logits [..., V] (for sampling and evaluation)."""

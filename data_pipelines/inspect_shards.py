@@ -1,0 +1,338 @@
+"""Inspect a directory of shards: what it holds, what is wrong with it, and how it would pack.
+
+Reads every ``*.tar`` directly (no ``.idx`` needed) and reports problems instead of raising:
+
+- ``documents``, ``tokens``, ``documents_by_task``, ``tokens_by_task``;
+- ``tokens_by_modality``: ``text`` (BPE/byte ids), ``vision`` (visual codes), ``special`` (BOS,
+  EOS, SOV, EOL, ...), ``invalid`` (outside the vocabulary);
+- ``lengths`` (min/mean/median/p99/max) and ``length_histogram`` (log-spaced bins; ``--histogram
+  PATH`` draws it as a PNG);
+- ``vocab_violations``: documents with an id outside the vocabulary (+ ``*_examples``);
+- ``malformed_vision_blocks``: documents whose blocks are broken: SOV without EOV, no SOT, meta
+  that is not ``h*w`` or that the rows contradict, rows without EOL, frames without EOF, visual
+  codes outside a block (+ examples);
+- ``unreadable``: samples that do not decode, miss a member, or a shard cut short (+ examples);
+- ``shards_without_index``: shards whose ``.idx`` is missing or out of date (the trainer needs it);
+- with ``--seq-len N``, what the trainer's packing would give over the well-formed documents
+  (epoch 0 order of ``--seed``, windows of ``--pack-window``, oversize policy ``skip``): ``fill``
+  (token fraction of the rows), ``rows``, ``docs_per_row`` (pieces per row),
+  ``split_vision_blocks`` (blocks a piece boundary cuts: must be 0), ``skipped`` (documents with a
+  block longer than N), ``split_documents``.
+
+``--json`` prints exactly one JSON object with these keys on stdout. Exit code 0 when nothing is
+wrong, 1 when a problem was found, 2 when the directory cannot be inspected.
+
+    python -m emu3_train.data_pipelines.inspect_shards data/mine --seq-len 4096 --histogram lengths.png
+    python -m emu3_train.data_pipelines.inspect_shards data/mine --vocab emu3 --seq-len 4096 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tarfile
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from emu3_train.data.format import META_SUFFIX, TOKENS_SUFFIX, check_tokens, decode_meta, decode_tokens
+from emu3_train.data.packing import pack_rows
+from emu3_train.layout import parse_vision_block, vision_spans
+from emu3_train.tokenizer import load_tokenizer
+from emu3_train.vocab import PRESETS, Vocab, get_vocab
+
+from .index_shards import index_is_current  # emu3_train.data_pipelines (installed from data_pipelines/)
+
+PROBLEMS = ("vocab_violations", "malformed_vision_blocks", "unreadable")
+
+
+def read_shard(tar_path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """``(key, {suffix: payload})`` of each sample in tar order; ``tarfile.TarError``/``OSError`` on a
+    damaged or truncated tar (after the samples read before the damage)."""
+    with open(tar_path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
+        key, members = None, {}
+        for ti in tf:
+            name_key, _, suffix = ti.name.partition(".")
+            if name_key != key:
+                if key is not None:
+                    yield key, members
+                key, members = name_key, {}
+            if ti.isfile():
+                data = tf.extractfile(ti).read()
+                if len(data) != ti.size:
+                    raise tarfile.ReadError(f"member {ti.name!r} is cut short")
+                members[suffix] = data
+        end = tf.offset
+        if key is not None:
+            yield key, members
+        f.seek(end)
+        tail = f.read(1024)
+        if len(tail) != 1024 or any(tail):  # tarfile stops silently at a garbled header
+            raise tarfile.ReadError(f"no end-of-archive marker at byte {end} (truncated, or a bad header)")
+
+
+def structure_problem(tokens: np.ndarray, vocab: Vocab, decode) -> tuple[str | None, np.ndarray]:
+    """``(what is wrong with the vision blocks or None, [m, 2] spans)``; ids outside the vocabulary
+    are left to the caller (only the blocks' structure is judged here)."""
+    try:
+        valid = vocab.first_invalid(tokens) < 0
+        spans = check_tokens(tokens, vocab) if valid else vision_spans(tokens, vocab)
+    except ValueError as e:
+        return str(e), np.zeros((0, 2), np.int64)
+    for s, e in spans:
+        try:
+            parse_vision_block(tokens[s:e], vocab, decode)
+        except ValueError as err:
+            return f"vision block [{s}, {e}): {err}", spans
+    return None, spans
+
+
+class Inspection:
+    """Running statistics of the samples seen (see the module docstring for every key)."""
+
+    def __init__(self, vocab: Vocab, max_examples: int = 5):
+        self.vocab = vocab
+        self.decode = load_tokenizer(vocab).decode
+        self.max_examples = max_examples
+        self.docs_by_task: Counter = Counter()
+        self.tokens_by_task: Counter = Counter()
+        self.modality: Counter = Counter(text=0, vision=0, special=0, invalid=0)
+        self.lengths: list[int] = []
+        self.counts = dict.fromkeys(PROBLEMS, 0)
+        self.examples: dict[str, list[str]] = {p: [] for p in PROBLEMS}
+        self.packable: list[tuple[int, np.ndarray]] = []  # (length, spans) of well-formed documents
+
+    def problem(self, kind: str, message: str) -> None:
+        self.counts[kind] += 1
+        if len(self.examples[kind]) < self.max_examples:
+            self.examples[kind].append(message)
+
+    def add(self, where: str, members: dict[str, bytes]) -> None:
+        """Check and count one sample; ``where`` is ``"shard: sample 'key'"``."""
+        unexpected = sorted(set(members) - {TOKENS_SUFFIX, META_SUFFIX})
+        missing = [s for s in (TOKENS_SUFFIX, META_SUFFIX) if s not in members]
+        if unexpected or missing:
+            what = f"unexpected member .{unexpected[0]}" if unexpected else f"member .{missing[0]} is missing"
+            return self.problem("unreadable", f"{where}: {what}")
+        try:
+            tokens = decode_tokens(members[TOKENS_SUFFIX])
+            task = decode_meta(members[META_SUFFIX])["task"]
+            if not len(tokens):
+                raise ValueError("document has no tokens")
+        except ValueError as e:
+            return self.problem("unreadable", f"{where}: {e}")
+        v = self.vocab
+        n = len(tokens)
+        self.docs_by_task[task] += 1
+        self.tokens_by_task[task] += n
+        self.lengths.append(n)
+        valid = (tokens >= 0) & (tokens < v.size)
+        vision = int(np.count_nonzero(valid & (tokens >= v.vision_start)))
+        text = int(np.count_nonzero(valid & (tokens < v.text_size)))
+        self.modality.update(text=text, vision=vision, special=int(valid.sum()) - text - vision,
+                             invalid=n - int(valid.sum()))
+        bad = v.first_invalid(tokens)
+        if bad >= 0:
+            self.problem("vocab_violations", f"{where}: token id {int(tokens[bad])} at position {bad} is "
+                                             f"outside vocabulary {v.name!r} (size {v.size})")
+        malformed, spans = structure_problem(tokens, v, self.decode)
+        if malformed is not None:
+            self.problem("malformed_vision_blocks", f"{where}: {malformed}")
+        if bad < 0 and malformed is None:
+            self.packable.append((n, spans))
+
+    def report(self) -> dict:
+        lengths = np.asarray(self.lengths, np.int64)
+        out = {
+            "documents": int(len(lengths)), "tokens": int(lengths.sum()),
+            "documents_by_task": dict(sorted(self.docs_by_task.items())),
+            "tokens_by_task": dict(sorted(self.tokens_by_task.items())),
+            "tokens_by_modality": dict(self.modality),
+            "lengths": ({"min": int(lengths.min()), "mean": float(lengths.mean()),
+                         "median": float(np.median(lengths)), "p99": float(np.percentile(lengths, 99)),
+                         "max": int(lengths.max())} if len(lengths) else {}),
+            "length_histogram": length_histogram(lengths),
+        }
+        for kind in PROBLEMS:
+            out[kind] = self.counts[kind]
+            out[f"{kind}_examples"] = self.examples[kind]
+        return out
+
+
+def length_histogram(lengths: np.ndarray) -> dict:
+    """``{"edges": [K+1], "counts": [K]}``: half-octave bins ``[2^(k/2), 2^((k+1)/2))`` of tokens
+    (rounded), from the bin of the shortest document to that of the longest."""
+    if not len(lengths):
+        return {"edges": [], "counts": []}
+    first = int(np.floor(2 * np.log2(max(int(lengths.min()), 1))))
+    last = int(np.ceil(2 * np.log2(int(lengths.max()) + 1)))
+    edges = np.unique(np.round(2.0 ** (np.arange(first, last + 1) / 2)).astype(np.int64))
+    counts, _ = np.histogram(lengths, bins=edges)
+    return {"edges": edges.tolist(), "counts": counts.tolist()}
+
+
+def packing_report(packable: list[tuple[int, np.ndarray]], seq_len: int, pack_window: int, seed: int) -> dict:
+    """What ``pack_rows`` makes of the documents, in the loader's epoch-0 order and windows."""
+    lengths = np.array([n for n, _ in packable], np.int64)
+    spans = [s for _, s in packable]
+    order = np.random.default_rng([seed, 0]).permutation(len(lengths))
+    rows = pieces = placed = skipped = split_docs = 0
+    cut_blocks: set[tuple[int, int]] = set()
+    for w in range(0, len(order), pack_window):
+        result = pack_rows(order[w:w + pack_window], lengths, spans.__getitem__, seq_len, "skip")
+        rows += len(result.rows)
+        skipped += len(result.skipped)
+        split_docs += result.num_split
+        for row in result.rows:
+            pieces += len(row)
+            for piece in row:
+                placed += piece.length
+                doc_spans = spans[piece.doc_id]
+                for b, (s, e) in enumerate(doc_spans):
+                    if s < piece.start < e or s < piece.end < e:
+                        cut_blocks.add((piece.doc_id, b))
+    return {"seq_len": seq_len, "fill": placed / (rows * seq_len) if rows else 0.0, "rows": rows,
+            "docs_per_row": pieces / rows if rows else 0.0, "split_vision_blocks": len(cut_blocks),
+            "skipped": skipped, "split_documents": split_docs}
+
+
+def draw_histogram(hist: dict, path: Path, title: str) -> Path:
+    """A bar chart PNG of ``length_histogram`` (drawn with PIL: no plotting dependency)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    width, height, left, bottom, top = 900, 420, 70, 50, 40
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    draw.text((left, 12), title, fill="black", font=font)
+    edges, counts = hist["edges"], hist["counts"]
+    plot_w, plot_h = width - left - 20, height - top - bottom
+    draw.line([(left, top), (left, top + plot_h), (left + plot_w, top + plot_h)], fill="black")
+    peak = max(counts, default=0) or 1
+    for y in range(5):  # count gridlines
+        value = peak * y / 4
+        yy = top + plot_h - plot_h * y / 4
+        draw.line([(left - 4, yy), (left, yy)], fill="black")
+        draw.text((4, yy - 6), f"{value:.3g}" if peak < 100 else f"{value:,.0f}", fill="black", font=font)
+    bar_w = plot_w / max(len(counts), 1)
+    for i, c in enumerate(counts):
+        x0 = left + i * bar_w
+        draw.rectangle([x0 + 1, top + plot_h - plot_h * c / peak, x0 + bar_w - 1, top + plot_h],
+                       fill=(70, 110, 180))
+        if i % max(1, len(counts) // 12) == 0:  # label about a dozen bars with their lower edge
+            draw.text((x0, top + plot_h + 6), f"{edges[i]:,}", fill="black", font=font)
+    draw.text((left + plot_w // 2 - 60, height - 18), "document length (tokens)", fill="black", font=font)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def inspect_shards(shard_dir: Path, vocab: Vocab, max_examples: int = 5,
+                   progress: bool = False) -> tuple[dict, list]:
+    """``(report, packable)``: the statistics of every shard in ``shard_dir`` and the ``(length, spans)``
+    of its well-formed documents."""
+    if not shard_dir.is_dir():
+        raise FileNotFoundError(f"shard directory not found: {shard_dir}")
+    tars = sorted(shard_dir.glob("*.tar"))
+    if not tars:
+        raise FileNotFoundError(f"no *.tar shards in {shard_dir}")
+    from tqdm import tqdm
+
+    ins = Inspection(vocab, max_examples)
+    without_index = 0
+    for tar in tqdm(tars, desc="inspecting", unit="shard", file=sys.stderr, disable=not progress):
+        seen: set[str] = set()
+        try:
+            for key, members in read_shard(tar):
+                where = f"{tar}: sample {key!r}"
+                if key in seen:
+                    ins.problem("unreadable", f"{where}: key appears twice (or its members are not adjacent)")
+                    continue
+                seen.add(key)
+                ins.add(where, members)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            ins.problem("unreadable", f"{tar}: not a complete uncompressed tar: {e}")
+        without_index += not index_is_current(tar, vocab)
+    report = {"shards": len(tars), **ins.report(), "shards_without_index": without_index}
+    return report, ins.packable
+
+
+def _text_report(r: dict, shard_dir: Path) -> str:
+    def share(n: int, total: int) -> str:
+        return f"{n:,} ({100 * n / total:.1f}%)" if total else f"{n:,}"
+
+    lines = [f"{shard_dir}: {r['shards']} shards ({r['shards_without_index']} without an up-to-date .idx)",
+             f"documents: {r['documents']:,}  tokens: {r['tokens']:,}"]
+    lines += [f"  {t}: {r['documents_by_task'][t]:,} documents, tokens {share(n, r['tokens'])}"
+              for t, n in r["tokens_by_task"].items()]
+    lines.append("tokens by modality: " + ", ".join(f"{m} {share(n, r['tokens'])}"
+                                                    for m, n in r["tokens_by_modality"].items()))
+    if r["lengths"]:
+        lines.append("lengths: " + ", ".join(f"{k} {v:,.0f}" for k, v in r["lengths"].items()))
+    for kind in PROBLEMS:
+        lines.append(f"{kind.replace('_', ' ')}: {r[kind]:,}")
+        lines += [f"  {ex}" for ex in r[f"{kind}_examples"]]
+    if "seq_len" in r:
+        lines.append(f"packing at seq_len {r['seq_len']:,}: fill {r['fill']:.3f}, rows {r['rows']:,}, "
+                     f"docs/row {r['docs_per_row']:.2f}, split vision blocks {r['split_vision_blocks']}, "
+                     f"skipped {r['skipped']:,}, split documents {r['split_documents']:,}")
+    if "histogram" in r:
+        lines.append(f"length histogram: {r['histogram']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m emu3_train.data_pipelines.inspect_shards",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Statistics, vocabulary violations, malformed vision blocks and packing of a directory "
+                    "of shards.",
+        epilog="example:\n  python -m emu3_train.data_pipelines.inspect_shards data/mine --seq-len 4096 "
+               "--histogram lengths.png\nexit code: 0 clean, 1 problems found, 2 cannot inspect",
+    )
+    parser.add_argument("dir", type=Path, metavar="DIR", help="directory of *.tar shards")
+    parser.add_argument("--vocab", default="emu3", choices=sorted(PRESETS),
+                        help="vocabulary preset (default emu3)")
+    parser.add_argument("--seq-len", type=int, default=None, help="also report packing into rows of N tokens")
+    parser.add_argument("--pack-window", type=int, default=256,
+                        help="documents packed together (default 256)")
+    parser.add_argument("--seed", type=int, default=0, help="data order seed for --seq-len (default 0)")
+    parser.add_argument("--histogram", type=Path, default=None, metavar="PNG",
+                        help="draw the length histogram")
+    parser.add_argument("--examples", type=int, default=5, help="examples kept per problem (default 5)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object, nothing else, on stdout")
+    args = parser.parse_args(argv)
+    if args.seq_len is not None and args.seq_len <= 0 or args.pack_window <= 0:
+        parser.error("--seq-len and --pack-window must be positive")
+    report, packable = inspect_shards(args.dir, get_vocab(args.vocab), args.examples, progress=True)
+    if args.seq_len is not None:
+        report.update(packing_report(packable, args.seq_len, args.pack_window, args.seed))
+    if args.histogram is not None:
+        title = f"{args.dir}: {report['documents']:,} documents, {report['tokens']:,} tokens"
+        report["histogram"] = str(draw_histogram(report["length_histogram"], args.histogram, title))
+    problems = sum(report[k] for k in PROBLEMS) + report.get("split_vision_blocks", 0)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(_text_report(report, args.dir))
+        print(f"inspected {report['documents']:,} documents ({report['tokens']:,} tokens) in "
+              f"{report['shards']} shards: {report['vocab_violations']} vocabulary violations, "
+              f"{report['malformed_vision_blocks']} malformed vision blocks, "
+              f"{report['unreadable']} unreadable")
+    return 1 if problems else 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """:func:`main` with a directory that cannot be inspected reported as one ``error:`` line (exit 2)."""
+    try:
+        return main(argv)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,207 @@
+"""Context parallelism on gloo against one process: loss, gradients, AdamW steps, document isolation.
+
+The batch packs documents across the 2·cp chunk boundaries, with padding, and GQA heads, so the
+load-balanced chunk order, the per-document mask and the K/V gather (or Ulysses all-to-all) all
+have to be right for the numbers to match.
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from harness import run_distributed
+from torch.distributed.device_mesh import init_device_mesh
+
+from emu3_train.config import ModelConfig
+from emu3_train.loss import weighted_ce
+from emu3_train.model.decoder import Emu3CausalLM
+from emu3_train.parallel.context_parallel import apply_cp, shard_batch, unshard_sequence
+
+VOCAB = 283
+SEQ = 32
+DOCS = [[5, 13, 9], [3, 22]]  # + padding; boundaries cross the chunks of cp = 2 and 4
+PERTURBED = (0, 5, 18)  # row, start, end of the document the isolation test changes
+STEPS = 3
+
+
+def tiny_cfg() -> ModelConfig:
+    return ModelConfig(hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
+                       rope_theta=10_000.0)
+
+
+def make_model() -> Emu3CausalLM:
+    torch.manual_seed(0)
+    return Emu3CausalLM(tiny_cfg(), VOCAB)
+
+
+def make_batch(seed=1) -> dict:
+    """The ``data.batch`` contract by hand: docs then a padding segment per row."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, VOCAB, (len(DOCS), SEQ), generator=gen)
+    labels = torch.full_like(tokens, -100)
+    positions = torch.zeros_like(tokens)
+    bounds = [0]
+    for r, lens in enumerate(DOCS):
+        start = 0
+        for n in lens:
+            labels[r, start:start + n - 1] = tokens[r, start + 1:start + n]
+            positions[r, start:start + n] = torch.arange(n)
+            start += n
+            bounds.append(r * SEQ + start)
+        tokens[r, start:] = 0
+        positions[r, start:] = torch.arange(SEQ - start)
+        bounds.append((r + 1) * SEQ)
+    weight = torch.where(torch.rand(tokens.shape, generator=gen) < 0.3, 0.5, 1.0)
+    weight[labels == -100] = 0.0
+    return {"tokens": tokens, "labels": labels, "loss_weight": weight, "position_ids": positions,
+            "cu_seqlens": torch.tensor(bounds, dtype=torch.int32), "num_docs": 5}
+
+
+def perturbed(batch: dict) -> dict:
+    r, start, end = PERTURBED
+    tokens = batch["tokens"].clone()
+    tokens[r, start:end] = (tokens[r, start:end] + 7) % VOCAB
+    return {**batch, "tokens": tokens}
+
+
+def loss_sum(model, hidden, batch):
+    total, _ = weighted_ce(hidden, model.lm_head.weight, batch["labels"], batch["loss_weight"],
+                           vision_start=None, impl="reference")
+    return total
+
+
+def train(model, batch, forward, reduce):
+    """Loss and gradients of step 1, then parameters after ``STEPS`` AdamW steps (as numpy)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    weight = reduce(batch["loss_weight"].sum())
+    for step in range(STEPS):
+        opt.zero_grad()
+        local = loss_sum(model, forward(model, batch), batch)
+        (local / weight).backward()
+        for p in model.parameters():
+            p.grad = reduce(p.grad)
+        if step == 0:
+            loss = float(reduce(local.detach()) / weight)
+            grads = {n: p.grad.numpy().copy() for n, p in model.named_parameters()}
+        opt.step()
+    return loss, grads, {n: p.detach().numpy().copy() for n, p in model.named_parameters()}
+
+
+def _cp_worker(rank, world, impl, batch):
+    model = make_model()
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("cp",))
+    apply_cp(model, mesh, impl)
+    group = mesh.get_group()
+
+    def forward(m, shard):
+        return m(shard["tokens"], shard["position_ids"], shard["cu_seqlens"],
+                 token_index=shard["token_index"])
+
+    def global_hidden(b):
+        local = forward(model, shard_batch(b, rank, world)).detach()
+        shards = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(shards, local, group=group)
+        return unshard_sequence(shards).numpy()
+
+    def reduce(t):
+        t = t.clone()
+        dist.all_reduce(t, group=group)
+        return t
+
+    with torch.no_grad():
+        hidden, hidden_perturbed = global_hidden(batch), global_hidden(perturbed(batch))
+    try:
+        model(batch["tokens"], batch["position_ids"], batch["cu_seqlens"])
+        missing_index_error = ""
+    except ValueError as e:
+        missing_index_error = str(e)
+    loss, grads, params = train(model, shard_batch(batch, rank, world), forward, reduce)
+    return dict(hidden=hidden, hidden_perturbed=hidden_perturbed, loss=loss, grads=grads, params=params,
+                missing_index_error=missing_index_error)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    batch = make_batch()
+    model = make_model()
+    with torch.no_grad():
+        hidden = model(batch["tokens"], batch["position_ids"], batch["cu_seqlens"]).numpy()
+    loss, grads, params = train(model, batch, lambda m, b: m(b["tokens"], b["position_ids"], b["cu_seqlens"]),
+                                lambda t: t)
+    return dict(hidden=hidden, loss=loss, grads=grads, params=params)
+
+
+@pytest.fixture(scope="module", params=[
+    pytest.param(("allgather", 2), id="allgather-cp2"),
+    pytest.param(("ulysses", 2), id="ulysses-cp2"),
+    pytest.param(("allgather", 4), id="allgather-cp4", marks=pytest.mark.slow),  # 4 processes: ~30 s here
+])
+def cp_run(request):
+    impl, cp = request.param
+    return run_distributed(_cp_worker, cp, args=(impl, make_batch()))
+
+
+def test_shard_batch_keeps_chunk_r_and_its_mirror_and_round_trips():
+    batch = make_batch()
+    whole = shard_batch(batch, 0, 1)  # cp = 1: unchanged, no token_index, so a plain model takes it
+    assert whole.keys() == batch.keys() and all(whole[k] is batch[k] for k in batch)
+    for cp in (2, 4):
+        chunk = SEQ // (2 * cp)
+        shards = [shard_batch(batch, r, cp) for r in range(cp)]
+        for r, shard in enumerate(shards):
+            cols = list(range(r * chunk, (r + 1) * chunk)) + list(range((2 * cp - 1 - r) * chunk,
+                                                                         (2 * cp - r) * chunk))
+            for key in ("tokens", "labels", "loss_weight", "position_ids"):
+                assert torch.equal(shard[key], batch[key][:, cols])
+            flat = torch.tensor([[row * SEQ + c for c in cols] for row in range(len(DOCS))])
+            assert torch.equal(shard["token_index"], flat)  # the index space of cu_seqlens
+            assert shard["cu_seqlens"] is batch["cu_seqlens"] and shard["num_docs"] == batch["num_docs"]
+        for key in ("tokens", "labels", "loss_weight", "position_ids"):
+            assert torch.equal(unshard_sequence([s[key] for s in shards]), batch[key])
+        weights = sum(float(s["loss_weight"].sum()) for s in shards)
+        assert weights == float(batch["loss_weight"].sum())
+
+
+def test_shard_batch_rejects_rows_not_divisible_by_2cp():
+    with pytest.raises(ValueError, match="not divisible by 2 \\* cp = 6"):
+        shard_batch(make_batch(), 0, 3)
+
+
+def test_plain_model_rejects_a_token_index():
+    b = shard_batch(make_batch(), 0, 2)
+    with pytest.raises(ValueError, match="apply_cp"):
+        make_model()(b["tokens"], b["position_ids"], b["cu_seqlens"], token_index=b["token_index"])
+
+
+def test_cp_forward_and_loss_match_one_process(cp_run, reference):
+    for result in cp_run:
+        np.testing.assert_allclose(result["hidden"], reference["hidden"], atol=1e-5, rtol=1e-5)
+        assert abs(result["loss"] - reference["loss"]) <= 1e-6 * abs(reference["loss"])
+
+
+def test_cp_gradients_match_one_process(cp_run, reference):
+    for result in cp_run:
+        assert result["grads"].keys() == reference["grads"].keys()
+        for name, grad in reference["grads"].items():
+            np.testing.assert_allclose(result["grads"][name], grad, atol=1e-5, rtol=0, err_msg=name)
+
+
+def test_cp_adamw_steps_match_one_process(cp_run, reference):
+    for result in cp_run:
+        for name, param in reference["params"].items():
+            np.testing.assert_allclose(result["params"][name], param, atol=1e-5, rtol=0, err_msg=name)
+
+
+def test_cp_never_attends_across_documents(cp_run):
+    r, start, end = PERTURBED
+    for result in cp_run:
+        before, after = result["hidden"], result["hidden_perturbed"]
+        changed = np.zeros(before.shape[:2], bool)
+        changed[r, start:end] = True
+        np.testing.assert_array_equal(after[~changed], before[~changed])
+        assert not np.allclose(after[changed], before[changed])
+
+
+def test_cp_model_needs_the_token_index(cp_run):
+    for result in cp_run:
+        assert "token_index=batch['token_index']" in result["missing_index_error"]
