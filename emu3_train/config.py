@@ -10,6 +10,7 @@ Hydra merges ``recipes/train.yaml`` and its groups (``model/``, ``data/``, ``par
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,7 +92,8 @@ class TrainerConfig:
     threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
     max_bad_steps: int = 5  # consecutive non-finite steps before training halts
     spike_factor: float = 0.0  # log a warning when loss > spike_factor x running mean; 0 = off
-    fault: str | None = None  # test hook: nan_loss@STEP | sigkill_in_save@STEP (fault-handling tests)
+    # test hook for the fault tests: nan_loss@STEP | sigkill_in_save@STEP | raise@STEP:RANK | hang@STEP:RANK
+    fault: str | None = None
 
 
 @dataclass
@@ -228,10 +230,10 @@ def validate(cfg: TrainConfig, world_size: int = 1, vocab_size: int | None = Non
     if c.resume and c.init_from:
         raise ConfigError("checkpoint.resume and checkpoint.init_from are exclusive: resume continues a "
                           "run, init_from starts a new one from weights")
-    if t.fault is not None:
-        kind, _, at = t.fault.partition("@")
-        if kind not in ("nan_loss", "sigkill_in_save") or not at.isdigit():
-            raise ConfigError(f"trainer.fault={t.fault!r}: expected nan_loss@STEP or sigkill_in_save@STEP")
+    fault_pattern = r"(nan_loss|sigkill_in_save)@\d+|(raise|hang)@\d+:\d+"
+    if t.fault is not None and not re.fullmatch(fault_pattern, t.fault):
+        raise ConfigError(f"trainer.fault={t.fault!r}: expected nan_loss@STEP, sigkill_in_save@STEP, "
+                          "raise@STEP:RANK or hang@STEP:RANK")
     if o.grad_clip < 0:
         raise ConfigError(f"optim.grad_clip must be >= 0, got {o.grad_clip}")
     if cfg.loss.vision_weight < 0:
@@ -240,6 +242,6 @@ def validate(cfg: TrainConfig, world_size: int = 1, vocab_size: int | None = Non
     from emu3_train.parallel.dims import ParallelDims  # the layout checks live with the layout
 
     dims = ParallelDims.from_config(cfg, world_size)
-    if dims.cp > 1 or dims.tp > 1:
-        raise ConfigError(f"parallel: cp={dims.cp}, tp={dims.tp}: context and tensor parallel training are "
-                          "not wired into the trainer yet; use data parallelism (parallel.dp)")
+    if dims.tp > 1:
+        raise ConfigError(f"parallel.tp={dims.tp}: tensor parallel training is not wired into the trainer "
+                          "yet; use data (parallel.dp) or context (parallel.cp) parallelism")

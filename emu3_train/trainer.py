@@ -134,15 +134,22 @@ class Trainer:
             print(f"resumed from {meta['path']} at step {self.step}", flush=True)
 
     def _fault(self, kind: str) -> bool:
-        """Test hook ``trainer.fault=KIND@STEP``: true at the step it names."""
-        fault = self.cfg.trainer.fault
-        return bool(fault) and fault == f"{kind}@{self.step + 1}"
+        """Test hook ``trainer.fault=KIND@STEP[:RANK]``: true at the step (and on the rank) it names."""
+        fault = self.cfg.trainer.fault or ""
+        return fault in (f"{kind}@{self.step + 1}", f"{kind}@{self.step + 1}:{self.rank}")
+
+    def _inject_rank_fault(self) -> None:
+        if self._fault("raise"):
+            raise RuntimeError(f"injected fault on rank {self.rank} at step {self.step + 1}")
+        time.sleep(10**6)  # "hang": peers must time out in their next collective
 
     # -- one optimizer step ----------------------------------------------------------------------
     def train_step(self) -> dict:
         cfg = self.cfg
         batches = [next(self.loader) for _ in range(self.accum)]
         self.step_ctx.fault_nan = self._fault("nan_loss")
+        if self._fault("raise") or self._fault("hang"):
+            self._inject_rank_fault()
         out = forward_backward(self.model, batches, self.step_ctx)
         grad_norm = clip_grad_norm(self.model, cfg.optim.grad_clip)
         finite = math.isfinite(out["loss"]) and math.isfinite(grad_norm)

@@ -22,7 +22,9 @@ def apply_fsdp(model, mesh: DeviceMesh, bf16: bool, reshard_after_forward: bool 
                                   reduce_dtype=torch.float32)
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    # The root keeps its parameters unsharded after forward (FSDP2's default for the root): the
+    # loss reads ``lm_head.weight`` after ``model(...)`` returns, outside any module forward.
+    fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
 def loss_scale(mesh: DeviceMesh | None) -> int:

@@ -9,7 +9,7 @@ module                      style                      weight
 embed_tokens                RowwiseParallel            Shard(0): vocab-parallel embedding
 q/k/v_proj, gate/up_proj    ColwiseParallel            Shard(0): heads / tp, intermediate / tp
 o_proj, down_proj           RowwiseParallel            Shard(1)
-norms                       SequenceParallel (SP)      Replicate
+norms                       SequenceParallel           Replicate (ReplicateParallel without SP)
 lm_head                     ColwiseParallel            Shard(0): vocab-parallel output
 ==========================  =========================  ===========================================
 
@@ -27,7 +27,12 @@ the final gather (Shard(1) -> Replicate), whose backward only slices it (Replica
 it is never reduced twice. ``model.logits(hidden)`` still works (all-gathered full logits).
 
 Uneven vocabulary (e.g. 283 on tp=2): no padding, the shapes stay HF's. DTensor ``Shard(0)`` uses
-``torch.chunk`` semantics: every rank but the last holds ``ceil(V / tp)`` rows (:func:`vocab_range`).
+``torch.chunk`` semantics: ``ceil(V / tp)`` rows per rank from rank 0 on, the last ones short
+(:func:`vocab_range`); :func:`output_shard` checks that against the shard it gets.
+
+Not done: dropout under TP draws the same random stream on every tp rank (no Megatron-style RNG
+tracker), so with ``model.attention_dropout > 0`` masks are correlated across head/sequence
+shards and differ from one process; exact only with dropout 0.
 
     apply_tp(model, mesh["tp"], sequence_parallel=True)   # first pass: before CP and FSDP2
     hidden = model(tokens, position_ids, cu_seqlens)      # [B, S, H], replicated over tp
@@ -57,6 +62,9 @@ from emu3_train.config import ConfigError
 from emu3_train.model.decoder import Emu3CausalLM
 
 TP_MESH_ATTR = "tp_mesh"  # set on the model by apply_tp: the mesh lm_head.weight is sharded over
+_FSDP_HINT = ("Under FSDP2 the head is whole (over dp) only between the model's forward and backward, "
+              "and only if the root module keeps its parameters unsharded after forward: "
+              "fully_shard(model, reshard_after_forward=False) for the root")
 
 
 class ReplicateParallel(ParallelStyle):
@@ -161,22 +169,24 @@ def output_shard(model: Emu3CausalLM) -> tuple[torch.Tensor, int, dist.ProcessGr
     A plain model gives ``(lm_head.weight, 0, None)``. After :func:`apply_tp`: this rank's rows
     ``[vocab_start, vocab_start + V_local)`` as a plain tensor in the autograd graph (its gradient
     lands in the DTensor's ``.grad``) and the tp process group. Call it after the forward, each
-    step: under FSDP2 the weight is only whole over tp while the root module is unsharded.
+    step: under FSDP2 the weight is whole over dp only while the root module is unsharded, so
+    the root must be ``fully_shard(model, reshard_after_forward=False)`` (lm_head not wrapped
+    on its own: it never runs as a module, so FSDP2 would never unshard it).
     """
     weight = model.lm_head.weight
     tp_mesh = getattr(model, TP_MESH_ATTR, None)
     if tp_mesh is None:
         if isinstance(weight, DTensor):
             raise RuntimeError(f"lm_head.weight is a DTensor {weight.placements} on {weight.device_mesh} "
-                               "but the model is not tensor-parallel: it is still sharded by FSDP2; "
-                               "take the head after the model's forward (which unshards it)")
+                               f"but the model is not tensor-parallel: it is still sharded by FSDP2. "
+                               f"{_FSDP_HINT}")
         return weight, 0, None
     if (not isinstance(weight, DTensor) or weight.device_mesh != tp_mesh
             or tuple(weight.placements) != (Shard(0),)):
         where = (f"{tuple(weight.placements)} on {weight.device_mesh}" if isinstance(weight, DTensor)
                  else "a plain tensor")
         raise RuntimeError(f"lm_head.weight should be Shard(0) over the tp mesh {tp_mesh}, found "
-                           f"{where}; under FSDP2 take the head after the model's forward")
+                           f"{where}. {_FSDP_HINT}")
     local = weight.to_local()
     start, end = vocab_range(weight.shape[0], tp_mesh.size(), tp_mesh.get_local_rank())
     if local.shape[0] != end - start:  # DTensor changed its uneven-sharding rule

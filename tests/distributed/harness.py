@@ -10,6 +10,7 @@ with the failing rank named.
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import traceback
@@ -32,7 +33,9 @@ def _worker(rank, world_size, port, fn, args, queue):
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
-        queue.put((rank, "ok", fn(rank, world_size, *args)))
+        buf = io.BytesIO()  # plain bytes: tensors must not be shared with a process about to exit
+        torch.save(fn(rank, world_size, *args), buf)
+        queue.put((rank, "ok", buf.getvalue()))
     except BaseException:  # noqa: BLE001 - report everything to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -54,7 +57,7 @@ def run_distributed(fn, world_size: int, args: tuple = (), timeout: float = 300)
     for _ in range(world_size):
         rank, status, value = queue.get()
         if status == "ok":
-            results[rank] = value
+            results[rank] = torch.load(io.BytesIO(value), weights_only=False)
         else:
             errors.append(f"rank {rank} failed:\n{value}")
     for p in procs:
