@@ -4,6 +4,7 @@
 # On a cluster:
 #   make pretrain-stage1 MODEL=emu3_8b DATA=/path/to/shards EXTRA="trainer.max_steps=1000"
 #   make pretrain-stage2 MODEL=emu3_8b DATA=/path/to/long/shards INIT=runs/stage1/ckpt/latest
+#   make pretrain-stage1 NPROC=8 EXTRA="parallel.cp=2"      (torchrun on this node; launch/ for more)
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -15,6 +16,8 @@ DATA ?= demo
 INIT ?=
 EXTRA ?=
 DEMO_DIR ?= data/demo
+NPROC ?= 1
+LAUNCH := $(if $(filter 1,$(NPROC)),$(PY) -m emu3_train.train,launch/torchrun.sh $(NPROC))
 
 # Every pip call (build isolation included) is pinned to the CPU/CUDA torch we chose.
 export PIP_CONSTRAINT := $(abspath constraints.txt)
@@ -52,10 +55,10 @@ demo-data: install
 	$(PY) -m emu3_train.data_pipelines.demo --out $(DEMO_DIR)
 
 pretrain-stage1: install $(STAGE1_DEPS)
-	$(PY) -m emu3_train.train $(STAGE1_ARGS) $(EXTRA)
+	$(LAUNCH) $(STAGE1_ARGS) $(EXTRA)
 
 pretrain-stage2: install $(STAGE1_DEPS)
-	$(PY) -m emu3_train.train $(STAGE2_ARGS) $(EXTRA)
+	$(LAUNCH) $(STAGE2_ARGS) $(EXTRA)
 
 bench: install
 	@for f in benchmarks/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done

@@ -18,6 +18,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from emu3_train.loss import weighted_ce
 from emu3_train.parallel.data_parallel import loss_scale
+from emu3_train.parallel.mesh import named_collective
 
 MODEL_INPUTS = ("tokens", "position_ids", "cu_seqlens")
 
@@ -46,16 +47,17 @@ class StepContext:
     fault_nan: bool = False  # test hook: poison this step's loss
 
 
-def _all_reduce(t: torch.Tensor, mesh: DeviceMesh | None, dim: str) -> torch.Tensor:
+def _all_reduce(t: torch.Tensor, mesh: DeviceMesh | None, dim: str, what: str) -> torch.Tensor:
     if mesh is not None and mesh[dim].size() > 1:
-        dist.all_reduce(t, group=mesh[dim].get_group())
+        named_collective(f"all_reduce({what}) over '{dim}'", dist.all_reduce, t,
+                         group=mesh[dim].get_group())
     return t
 
 
 def forward_backward(model, batches: list[dict], ctx: StepContext) -> dict:
     """Accumulate gradients of the step; returns the global loss, its text/vision sums and counts."""
     total = torch.tensor([float(sum(b["loss_weight"].sum() for b in batches))], dtype=torch.float64)
-    total = float(_all_reduce(total, ctx.mesh, "dp"))
+    total = float(_all_reduce(total, ctx.mesh, "dp", "step loss weight"))
     scale = loss_scale(ctx.mesh) / max(total, 1e-12)
     sums = torch.zeros(6, dtype=torch.float64)  # loss, text, vision, z, tokens_text, tokens_vision
     for batch in batches:
@@ -73,7 +75,7 @@ def forward_backward(model, batches: list[dict], ctx: StepContext) -> dict:
         (wsum * scale).backward()
         sums += torch.stack([wsum.detach().double().cpu(), *(st[k].double().cpu() for k in (
             "loss_text_sum", "loss_vision_sum", "z_loss_sum", "tokens_text", "tokens_vision"))])
-    sums = _all_reduce(sums, ctx.mesh, "dp_cp")
+    sums = _all_reduce(sums, ctx.mesh, "dp_cp", "loss sums")
     loss, text, vision, _, n_text, n_vision = sums.tolist()
     nan = float("nan")
     return {"loss": loss / max(total, 1e-12), "loss_text": text / n_text if n_text else nan,

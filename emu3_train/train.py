@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from torch.distributed.elastic.multiprocessing.errors import record
+from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, record
 
 from emu3_train.config import ConfigError, register_configs
 from emu3_train.data.index import ShardError
@@ -49,7 +50,12 @@ def _hydra_main(dcfg: DictConfig) -> None:
     try:
         run_training(cfg, run_dir, rank, world)
     except (ConfigError, ShardError, FileNotFoundError, TrainingError) as e:
-        _fail(str(e))
+        _fail(str(e) if world == 1 else f"rank {rank}: {e}")
+    except Exception as e:  # noqa: BLE001 - name the rank, keep the traceback for torchrun's summary
+        print(f"rank {rank} failed: {type(e).__name__}: {e}\n{traceback.format_exc()}", file=sys.stderr,
+              flush=True)
+        ErrorHandler().record_exception(e)  # torchrun's "Root Cause" then shows this traceback
+        sys.exit(1)
 
 
 @record

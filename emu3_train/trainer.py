@@ -30,7 +30,7 @@ from emu3_train.metrics import MetricLogger, format_summary
 from emu3_train.model.decoder import Emu3CausalLM
 from emu3_train.optim import build_optimizer, build_scheduler
 from emu3_train.parallel.dims import ParallelDims
-from emu3_train.parallel.mesh import build_mesh, init_distributed
+from emu3_train.parallel.mesh import build_mesh, init_distributed, named_collective
 from emu3_train.parallel.parallelize import parallelize
 from emu3_train.step import StepContext, clip_grad_norm, forward_backward
 from emu3_train.vocab import get_vocab
@@ -211,7 +211,8 @@ class Trainer:
         if self.world_size == 1:
             return self.stop_signal is not None
         flag = torch.tensor([0 if self.stop_signal is None else int(signal.Signals[self.stop_signal])])
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        named_collective("all_reduce(stop flag)", torch.distributed.all_reduce, flag,
+                         op=torch.distributed.ReduceOp.MAX)
         if flag.item() and self.stop_signal is None:
             self.stop_signal = signal.Signals(int(flag.item())).name
         return bool(flag.item())

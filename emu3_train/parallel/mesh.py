@@ -44,3 +44,12 @@ def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh | None:
     mesh = init_device_mesh(device_type, (dims.dp, dims.cp, dims.tp), mesh_dim_names=("dp", "cp", "tp"))
     mesh["dp", "cp"]._flatten("dp_cp")
     return mesh
+
+
+def named_collective(what: str, fn, *args, **kwargs):
+    """Run a collective; on failure (e.g. the process-group timeout) say which one and why."""
+    try:
+        return fn(*args, **kwargs)
+    except RuntimeError as e:
+        raise RuntimeError(f"collective {what} failed — a peer rank is dead or hung "
+                           f"(see its log; timeout parallel.timeout_s): {e}") from e
