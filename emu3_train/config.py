@@ -241,7 +241,4 @@ def validate(cfg: TrainConfig, world_size: int = 1, vocab_size: int | None = Non
 
     from emu3_train.parallel.dims import ParallelDims  # the layout checks live with the layout
 
-    dims = ParallelDims.from_config(cfg, world_size)
-    if dims.tp > 1:
-        raise ConfigError(f"parallel.tp={dims.tp}: tensor parallel training is not wired into the trainer "
-                          "yet; use data (parallel.dp) or context (parallel.cp) parallelism")
+    ParallelDims.from_config(cfg, world_size)
