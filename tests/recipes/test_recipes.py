@@ -77,7 +77,7 @@ def test_missing_shard_path_is_reported():
 @pytest.mark.parametrize("override,field", [
     ("model.num_kv_heads=3", "model.num_heads"),
     ("model.hidden_size=130", "model.hidden_size"),
-    ("data.global_batch_size=6", "data.global_batch_size"),
+    ("data.global_batch_size=3", "data.global_batch_size"),
     ("data.seq_len=0", "data.seq_len"),
     ("model.vocab_size=100", "model.vocab_size"),
     ("model.attn_impl=flex", "model.attn_impl"),
@@ -95,7 +95,7 @@ def test_impossible_configs_name_the_field(override, field):
 
 
 def test_world_size_must_match_layout():
-    cfg = compose(["experiment=demo"])
+    cfg = compose(["experiment=demo", "parallel=single"])
     with pytest.raises(ConfigError, match="world size 2"):
         validate(cfg, world_size=2)
 
