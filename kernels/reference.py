@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+CHUNK_LOGITS_BYTES = 64 * 2**20  # caps a chunk's fp32 logits (e.g. 90 tokens at V = 184,622)
 STAT_KEYS = ("loss_text_sum", "loss_vision_sum", "tokens_text", "tokens_vision", "z_loss_sum")
 
 
@@ -57,9 +58,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_sums, _grad_counts):
         grad_hidden, grad_weight = ctx.saved_tensors
         if grad_hidden is not None:
-            grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
+            grad_hidden = grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))  # in place: no [N, H] copy
         if grad_weight is not None:
-            grad_weight = grad_weight * grad_loss.to(grad_weight.dtype)
+            grad_weight = grad_weight.mul_(grad_loss.to(grad_weight.dtype))  # in place: no [V, H] copy
         return grad_hidden, grad_weight, None, None, None, None, None, None, None, None, None
 
 
@@ -77,6 +78,8 @@ def _forward_and_grads(hidden, weight, labels, loss_weight, vocab_start, tp_grou
     grad_hidden = torch.zeros_like(hidden) if need_h else None
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device) if need_w else None
 
+    # at most CHUNK_LOGITS_BYTES of fp32 logits per chunk, whatever the vocabulary size
+    chunk_size = max(16, min(chunk_size, CHUNK_LOGITS_BYTES // (4 * max(1, v_local))))
     for start in range(0, rows_all.numel(), chunk_size):
         rows = rows_all[start : start + chunk_size]
         h = hidden.index_select(0, rows)  # [c, H]
@@ -119,7 +122,10 @@ def _forward_and_grads(hidden, weight, labels, loss_weight, vocab_start, tp_grou
             if need_h:
                 grad_hidden.index_copy_(0, rows, grad_logits @ weight)
             if need_w:
-                grad_weight.add_(grad_logits.t() @ h)
+                if grad_logits.dtype == grad_weight.dtype:
+                    grad_weight.addmm_(grad_logits.t(), h)  # accumulate without a [V, H] temporary
+                else:  # bf16/fp16 product into the fp32 accumulator
+                    grad_weight.add_(grad_logits.t() @ h)
             del grad_logits
         del logits, probs  # free this chunk before the next one is allocated
 
@@ -149,7 +155,8 @@ def chunked_linear_cross_entropy(
         hidden: [N, H] float. weight: [V_local, H], same dtype. labels: int [N] global ids.
         loss_weight: float [N]; no gradient flows to it.
         vision_start: targets with id >= this count as vision in the stats; None = all text.
-        chunk_size: tokens (rows) per logits chunk.
+        chunk_size: tokens (rows) per logits chunk, lowered so that one chunk's fp32 logits stay
+            under ``CHUNK_LOGITS_BYTES``.
 
     Returns:
         (weighted_loss_sum, stats): fp32 scalar ``sum w * (CE + z_loss * lse^2)`` over counted

@@ -1,204 +1,257 @@
 """The resumable packed-batch stream of one data-parallel rank (DESIGN.md §4, "Data order and state").
 
-The stream is a pure function of (index, seed, epoch, seq_len, pack_window, oversize_policy):
+The global row sequence is :class:`plan.RowStream`'s: a pure function of (the sources' indexes,
+blend weights, seed, seq_len, pack_window, oversize_policy, shard_group). A step takes the next
+``dp_size * micro_batch_size`` rows from the cursor; the i-th of them goes to rank ``i % dp_size``
+(from a fresh start: global row k to rank ``k % dp_size``). A rank reads only the documents of
+its own rows, each by byte offset, checked against the index.
 
-- epoch e visits every document once, in the order ``np.random.default_rng([seed, e]).permutation(D)``;
-- that order is cut into windows of ``pack_window`` documents, each packed into rows
-  (:func:`packing.pack_rows`); the rows of successive windows, then of successive epochs, form
-  one global row sequence;
-- a step takes the next ``dp_size * micro_batch_size`` global rows from the cursor; the i-th of
-  them goes to rank ``i % dp_size`` (from a fresh start: global row k to rank ``k % dp_size``).
+**State** (``state_dict()``, JSON, the same on every rank and valid for any dp size, worker count
+or micro-batch size)::
 
-The state is ``{"epoch", "cursor"}`` (cursor = next global row within the epoch), identical on all
-ranks and valid for any dp size or micro-batch size: a resume continues the same row sequence with
-nothing repeated or lost. Packing is planned from the index alone, lazily, window by window; a rank
-reads only the documents of its own rows.
+    {"version": 2, "cursor": 1234,                 # next global row the trainer has not consumed
+     "window": 9, "window_row": 1200,              # seed of the window holding the cursor:
+     "sources": [{"epoch": 0, "position": 2560, "tokens": 9400321}, ...],  # per source
+     "carry": [[doc_id, start, end], ...],         # pieces the previous window left open
+     "seed": 0, "seq_len": 5120, "pack_window": 256, "oversize_policy": "skip", "shard_group": 0,
+     "weights": [0.6, 0.4], "num_docs": [10000, 30000], "names": ["/shards/pairs", "/shards/text"]}
+
+The cursor counts rows handed to the trainer, never rows prefetched; the seed lets a resume plan
+from the cursor's window instead of the stream's start. ``names`` is informative (data may move).
+
+**Workers.** ``num_workers=0`` reads and builds each batch in the calling thread. With N > 0,
+N threads read and build the next ``prefetch`` batches in the background (reads are positional,
+decoding is numpy: measured in benchmarks/loader.py); rows are planned in the calling thread
+and batches come out in stream order, identical to ``num_workers=0``.
+
+**Bad samples.** A read that fails its checks (checksum, truncated or missing shard, out-of-vocab
+id, malformed vision block; ``ShardSet.read``) raises ``ShardError`` naming shard and key under
+``on_bad_sample="error"``. Under ``"skip"`` the batch is still produced, with that document's
+pieces left out (its room is padding), the skip counted in ``stats()["skipped"]`` and the
+shard/key logged once. The row stream itself never changes.
 
     loader = PackedLoader(ShardSet("data/demo/train", get_vocab("demo")), seq_len=1024,
-                          micro_batch_size=4, dp_rank=rank, dp_size=world, seed=0)
+                          micro_batch_size=4, dp_rank=rank, dp_size=world, seed=0, num_workers=2)
     batch = next(loader)            # the dict of data.batch, [4, 1024] tensors
     json.dump(loader.state_dict(), f)
 """
 
 from __future__ import annotations
 
-import bisect
+import logging
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
 from emu3_train.data.batch import build_batch
-from emu3_train.data.packing import OVERSIZE_POLICIES, PackResult, Piece, pack_rows
-from emu3_train.data.stream import ShardSet
+from emu3_train.data.index import ShardError
+from emu3_train.data.packing import OVERSIZE_POLICIES, Piece
+from emu3_train.data.plan import RowStream, Seed
+from emu3_train.data.stream import BAD_SAMPLE_POLICIES, ShardSet
 
-STATE_VERSION = 1
-_PLAN_FIELDS = ("seed", "seq_len", "pack_window", "oversize_policy", "num_docs")  # fix the row stream
-_CACHED_WINDOWS = 4
-
-
-class _EpochPlan:
-    """The rows of one epoch, planned window by window on demand."""
-
-    def __init__(self, loader: PackedLoader, epoch: int):
-        self.loader = loader
-        self.order = np.random.default_rng([loader.seed, epoch]).permutation(len(loader.shards))
-        self.num_windows = -(-len(self.order) // loader.pack_window)
-        self.row_starts = [0]  # window w holds the epoch's rows [row_starts[w], row_starts[w+1])
-        self.cache: dict[int, PackResult] = {}
-
-    @property
-    def total_rows(self) -> int | None:
-        """Rows in the epoch, once every window is planned."""
-        return self.row_starts[-1] if len(self.row_starts) > self.num_windows else None
-
-    def _window(self, w: int) -> PackResult:
-        if w in self.cache:
-            self.cache[w] = self.cache.pop(w)  # most recently used last
-        else:
-            ld = self.loader
-            ids = self.order[w * ld.pack_window:(w + 1) * ld.pack_window]
-            result = pack_rows(ids, ld.shards.lengths, ld.shards.vision_spans, ld.seq_len,
-                               ld.oversize_policy, ld.shards.describe)
-            if w == len(self.row_starts) - 1:  # first time: extend the row map, count the stats
-                self.row_starts.append(self.row_starts[-1] + len(result.rows))
-                ld._counts["skipped"] += len(result.skipped)
-                ld._counts["split"] += result.num_split
-            self.cache[w] = result
-            if len(self.cache) > _CACHED_WINDOWS:
-                del self.cache[next(iter(self.cache))]  # least recently used
-        return self.cache[w]
-
-    def row(self, k: int) -> list[Piece] | None:
-        """Row k of the epoch, or None if the epoch has at most k rows."""
-        while self.total_rows is None and self.row_starts[-1] <= k:
-            self._window(len(self.row_starts) - 1)
-        if k >= self.row_starts[-1]:
-            return None
-        w = bisect.bisect_right(self.row_starts, k) - 1
-        return self._window(w).rows[k - self.row_starts[w]]
+STATE_VERSION = 2
+_PLAN_FIELDS = ("seed", "seq_len", "pack_window", "oversize_policy", "shard_group", "weights", "num_docs")
+log = logging.getLogger(__name__)
 
 
 class PackedLoader:
     """Infinite iterator of this rank's packed micro-batches (dicts of ``data.batch.build_batch``).
 
     Args:
-        shards: the documents.
+        shards: the documents: one ``ShardSet``, or a sequence of them blended by ``weights``.
         seq_len: tokens per row (S).
         micro_batch_size: rows per batch on this rank (B).
         dp_rank, dp_size: this rank among the data-parallel ranks.
         seed: shuffle seed of the document order.
         vision_weight: loss weight of visual-code targets.
-        pack_window: documents packed together.
+        pack_window: documents drawn per packing window.
         oversize_policy: ``skip`` or ``error`` for documents with a vision block longer than seq_len
             (``error`` raises here, at construction, naming the first such shard and key).
+        weights: token share of each source (normalized); default equal.
+        shard_group: shards whose documents are shuffled together per epoch; 0 = all.
+        num_workers: background reader threads; 0 = read in the calling thread.
+        prefetch: batches prepared ahead when ``num_workers > 0``.
+        on_bad_sample: ``error`` or ``skip`` (module docstring).
     """
 
-    def __init__(self, shards: ShardSet, seq_len: int, micro_batch_size: int, dp_rank: int = 0,
-                 dp_size: int = 1, seed: int = 0, vision_weight: float = 0.5, pack_window: int = 256,
-                 oversize_policy: str = "skip"):
+    def __init__(self, shards: ShardSet | Sequence[ShardSet], seq_len: int, micro_batch_size: int,
+                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, vision_weight: float = 0.5,
+                 pack_window: int = 256, oversize_policy: str = "skip", *,
+                 weights: Sequence[float] | None = None, shard_group: int = 0, num_workers: int = 0,
+                 prefetch: int = 2, on_bad_sample: str = "error"):
         for name, value in (("seq_len", seq_len), ("micro_batch_size", micro_batch_size),
-                            ("dp_size", dp_size), ("pack_window", pack_window)):
+                            ("dp_size", dp_size), ("pack_window", pack_window), ("prefetch", prefetch)):
             if not isinstance(value, (int, np.integer)) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(num_workers, (int, np.integer)) or num_workers < 0:
+            raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} is outside [0, dp_size={dp_size})")
         if oversize_policy not in OVERSIZE_POLICIES:
             raise ValueError(f"oversize_policy is {oversize_policy!r}; expected one of "
                              f"{list(OVERSIZE_POLICIES)}")
-        self.shards, self.seq_len, self.micro_batch_size = shards, int(seq_len), int(micro_batch_size)
+        if on_bad_sample not in BAD_SAMPLE_POLICIES:
+            raise ValueError(f"on_bad_sample is {on_bad_sample!r}; expected one of {list(BAD_SAMPLE_POLICIES)}")
+        self.sources = [shards] if isinstance(shards, ShardSet) else list(shards)
+        if not self.sources:
+            raise ValueError("no data sources given")
+        weights = [1.0] * len(self.sources) if weights is None else [float(w) for w in weights]
+        vocabs = {(s.vocab.name, s.vocab.size) for s in self.sources}
+        if len(vocabs) != 1:
+            raise ValueError(f"the blended sources use different vocabularies: {sorted(vocabs)}")
+        self.vocab = self.sources[0].vocab
+        self.seq_len, self.micro_batch_size = int(seq_len), int(micro_batch_size)
         self.dp_rank, self.dp_size, self.seed = int(dp_rank), int(dp_size), int(seed)
         self.vision_weight, self.pack_window = float(vision_weight), int(pack_window)
-        self.oversize_policy = oversize_policy
-        oversize = np.flatnonzero(shards.max_block > self.seq_len)
-        if len(oversize) and oversize_policy == "error":  # fail before training, not mid-epoch
-            pack_rows(oversize[:1], shards.lengths, shards.vision_spans, self.seq_len, "error",
-                      shards.describe)
-        if len(oversize) == len(shards):
-            raise ValueError(f"every document in {shards.path} has a vision block longer than seq_len "
-                             f"{self.seq_len}; nothing to train on")
-        self.epoch, self.cursor = 0, 0
-        self._plans: dict[int, _EpochPlan] = {}
-        self._counts = {"skipped": 0, "split": 0, "rows": 0, "docs": 0, "tokens": 0, "slots": 0}
+        self.oversize_policy, self.on_bad_sample = oversize_policy, on_bad_sample
+        self.weights, self.shard_group = weights, int(shard_group)
+        self.stream = RowStream(self.sources, weights, self.seed, self.seq_len, self.pack_window,
+                                oversize_policy, self.shard_group)
+        self.cursor = 0
+        self.prefetch = int(prefetch)
+        self._executor = ThreadPoolExecutor(int(num_workers), thread_name_prefix="emu3-data") \
+            if num_workers else None
+        self._pending: deque[Future] = deque()
+        self._submitted = 0  # cursor after the last submitted batch
+        self._warned: set[int] = set()
+        self._counts = dict.fromkeys(("rows", "docs", "tokens", "slots", "skipped_bad"), 0)
+        self._dropped_docs = sum(getattr(s, "dropped_docs", 0) for s in self.sources)
+        self._plan_base = dict(self.stream.counts)
 
     # -- the global row sequence ------------------------------------------------------------------
-    def _plan(self, epoch: int) -> _EpochPlan:
-        if epoch not in self._plans:
-            self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
-            self._plans[epoch] = _EpochPlan(self, epoch)
-        return self._plans[epoch]
+    def row(self, k: int) -> list[Piece]:
+        """Global row ``k`` of the stream (from its start); doc ids are global (``locate``)."""
+        return self.stream.row(k)
 
-    def _normalize(self, epoch: int, k: int) -> tuple[int, int]:
-        """(epoch, row within it) of row k counted from the start of ``epoch``."""
-        while True:
-            plan = self._plan(epoch)
-            if plan.row(k) is not None:
-                return epoch, k
-            k -= plan.total_rows
-            epoch += 1
+    def locate(self, doc_id: int) -> tuple[int, int]:
+        """(source index, id within that source) of global document ``doc_id``."""
+        return self.stream.locate(doc_id)
 
-    def row(self, epoch: int, k: int) -> list[Piece]:
-        """Global row k counted from the start of ``epoch`` (k may run into later epochs)."""
-        epoch, k = self._normalize(epoch, k)
-        return self._plan(epoch).row(k)
+    def _rank_rows(self, cursor: int) -> list[list[Piece]]:
+        return [self.stream.row(cursor + self.dp_rank + j * self.dp_size) for j in range(self.micro_batch_size)]
 
-    def rows_in_epoch(self, epoch: int) -> int:
-        """Number of rows epoch ``epoch`` packs into (plans the whole epoch)."""
-        plan = self._plan(epoch)
-        while plan.total_rows is None:
-            plan.row(plan.row_starts[-1])
-        return plan.total_rows
+    # -- reading (worker threads, or the caller) --------------------------------------------------
+    def _load(self, rows: list[list[Piece]]) -> tuple[dict, list[tuple[int, str]]]:
+        """The batch of ``rows`` and the ``(doc_id, message)`` of each bad document left out."""
+        tokens, understanding, bad = {}, set(), []
+        for d in sorted({p.doc_id for row in rows for p in row}):
+            s, local = self.stream.locate(d)
+            try:
+                tokens[d] = self.sources[s].read(local)[0]
+            except ShardError as e:
+                if self.on_bad_sample == "error":
+                    raise
+                bad.append((d, str(e)))
+                continue
+            if self.sources[s].understanding[local]:
+                understanding.add(d)
+        if bad:
+            rows = [[p for p in row if p.doc_id in tokens] for row in rows]
+        return build_batch(rows, tokens, understanding, self.seq_len, self.vocab, self.vision_weight), bad
+
+    def _submit(self) -> None:
+        rows = self._rank_rows(self._submitted)
+        self._pending.append(self._executor.submit(self._load, rows))
+        self._submitted += self.dp_size * self.micro_batch_size
+
+    def _drop_pending(self) -> None:
+        for future in self._pending:
+            future.cancel()
+        self._pending.clear()
+        self._submitted = self.cursor
 
     # -- iteration -----------------------------------------------------------------------------
     def __iter__(self) -> PackedLoader:
         return self
 
     def __next__(self) -> dict:
-        rows = [self.row(self.epoch, self.cursor + self.dp_rank + j * self.dp_size)
-                for j in range(self.micro_batch_size)]
-        self.epoch, self.cursor = self._normalize(
-            self.epoch, self.cursor + self.dp_size * self.micro_batch_size)
-        doc_ids = sorted({p.doc_id for row in rows for p in row})
-        tokens = {d: self.shards.read(d)[0] for d in doc_ids}
-        understanding = {d for d in doc_ids if self.shards.understanding[d]}
-        batch = build_batch(rows, tokens, understanding, self.seq_len, self.shards.vocab, self.vision_weight)
+        if self._executor is None:
+            batch, bad = self._load(self._rank_rows(self.cursor))
+        else:
+            while len(self._pending) < self.prefetch:
+                self._submit()
+            future = self._pending.popleft()
+            try:
+                batch, bad = future.result()
+            except BaseException:
+                self._drop_pending()  # the cursor stays on the failed batch
+                raise
+            self._submit()  # keep `prefetch` batches in flight while the trainer computes
+        self.cursor += self.dp_size * self.micro_batch_size
+        self.stream.forget_before(self.cursor)
         c = self._counts
-        c["rows"] += len(rows)
+        for d, message in bad:
+            c["skipped_bad"] += 1
+            if d not in self._warned:
+                self._warned.add(d)
+                log.warning("data.on_bad_sample=skip: left out %s", message)
+        c["rows"] += self.micro_batch_size
         c["docs"] += batch["num_docs"]
         c["tokens"] += batch["num_tokens"]
-        c["slots"] += len(rows) * self.seq_len
+        c["slots"] += self.micro_batch_size * self.seq_len
         return batch
+
+    def close(self) -> None:
+        """Stop the worker threads (batches in flight are dropped; the cursor is unaffected)."""
+        if self._executor is not None:
+            self._drop_pending()
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
 
     def stats(self, reset: bool = False) -> dict:
         """Running data stats of this rank since construction (or the last reset).
 
         ``fill``: non-padding fraction of the tokens served; ``docs_per_row``: pieces per row;
-        ``skipped``: documents dropped as oversize in the windows this loader planned (each window
-        counted once per epoch); ``split``: documents cut into several pieces, likewise.
+        ``skipped``: ``skipped_oversize`` (documents dropped as oversize in the windows this
+        loader planned) + ``skipped_bad`` (bad samples this rank left out under
+        ``on_bad_sample=skip``, once per batch that needed them) + ``skipped_shard_docs`` (samples
+        of shards left out at open); ``split``: cuts made by packing in the planned windows.
         """
         c = self._counts
+        plan = {k: v - self._plan_base[k] for k, v in self.stream.counts.items()}
         out = {"fill": c["tokens"] / c["slots"] if c["slots"] else 0.0,
                "docs_per_row": c["docs"] / c["rows"] if c["rows"] else 0.0,
-               "skipped": c["skipped"], "split": c["split"]}
+               "skipped": plan["skipped"] + c["skipped_bad"] + self._dropped_docs,
+               "skipped_oversize": plan["skipped"], "skipped_bad": c["skipped_bad"],
+               "skipped_shard_docs": self._dropped_docs, "split": plan["split"]}
         if reset:
             self._counts = dict.fromkeys(c, 0)
+            self._plan_base = dict(self.stream.counts)
+            self._dropped_docs = 0
         return out
 
     # -- state -----------------------------------------------------------------------------------
+    def _plan_fields(self) -> dict:
+        return {"seed": self.seed, "seq_len": self.seq_len, "pack_window": self.pack_window,
+                "oversize_policy": self.oversize_policy, "shard_group": self.shard_group,
+                "weights": list(self.weights), "num_docs": [len(s.lengths) for s in self.sources]}
+
     def state_dict(self) -> dict:
-        """JSON-serializable position in the global row sequence (the same on every rank)."""
-        return {"version": STATE_VERSION, "epoch": self.epoch, "cursor": self.cursor, "seed": self.seed,
-                "seq_len": self.seq_len, "pack_window": self.pack_window,
-                "oversize_policy": self.oversize_policy, "num_docs": len(self.shards)}
+        """JSON-serializable position in the global row sequence (module docstring)."""
+        return {"version": STATE_VERSION, "cursor": self.cursor, **self.stream.seed_at(self.cursor).to_json(),
+                **self._plan_fields(), "names": [str(getattr(s, "path", "")) for s in self.sources]}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state``; rejects a state whose row sequence differs from this loader's."""
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')!r}, expected {STATE_VERSION}")
-        mine = self.state_dict()
+        version = state.get("version")
+        if version != STATE_VERSION:
+            hint = " (written by the first-fit loader, whose row stream differs)" if version == 1 else ""
+            raise ValueError(f"loader state version {version!r}{hint}; expected {STATE_VERSION}")
+        mine = self._plan_fields()
         for name in _PLAN_FIELDS:
-            if state.get(name) != mine[name]:
-                raise ValueError(f"loader state was saved with {name}={state.get(name)!r} but this loader "
+            theirs = state.get(name)
+            if theirs != mine[name]:
+                raise ValueError(f"loader state was saved with {name}={theirs!r} but this loader "
                                  f"has {name}={mine[name]!r}; the row stream would differ")
-        epoch, cursor = int(state["epoch"]), int(state["cursor"])
-        if epoch < 0 or cursor < 0:
-            raise ValueError(f"loader state has negative epoch/cursor: {epoch}/{cursor}")
-        self.epoch, self.cursor = self._normalize(epoch, cursor)
+        try:
+            cursor, seed = int(state["cursor"]), Seed.from_json(state)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"loader state is incomplete or malformed: {e!r}") from None
+        self.stream.check_seed(seed)
+        if not seed.row <= cursor:
+            raise ValueError(f"loader state: cursor {cursor} lies before its window's first row {seed.row}")
+        self._drop_pending()
+        self.stream.restart(seed)
+        self.cursor = self._submitted = cursor

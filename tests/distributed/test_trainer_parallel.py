@@ -67,16 +67,21 @@ def test_cp2_equals_one_process(data, tmp_path, impl):
     _close(ref, got[0])
 
 
-def test_resume_on_another_dp_size(data, tmp_path):
-    """Saved with dp=2, resumed on one process: weights reshard and the stream continues."""
+@pytest.mark.parametrize("layout", [
+    ["parallel.dp=2", "data.micro_batch_size=2"],
+    pytest.param(["parallel.dp=1", "parallel.tp=2", "data.micro_batch_size=4"], marks=pytest.mark.slow),
+    pytest.param(["parallel.dp=1", "parallel.cp=2", "data.micro_batch_size=4"], marks=pytest.mark.slow),
+], ids=["dp2", "tp2", "cp2"])
+def test_resume_on_another_layout(data, tmp_path, layout):
+    """Saved on two processes, resumed on one: weights and AdamW state reshard, the stream goes on."""
     full = _single(data, tmp_path, steps=6)
     run_dir = tmp_path / "resharded"
-    first = run_distributed(_run, 2, (data, run_dir, ["parallel.dp=2", "data.micro_batch_size=2"], 3, True))
+    first = run_distributed(_run, 2, (data, run_dir, layout, 3, True))
     resumed = _run(0, 1, data, run_dir, ["data.micro_batch_size=4", "checkpoint.resume=latest"], 3)
     assert first[0][0] + resumed[0] == pytest.approx(full[0], rel=1e-5)
     assert resumed[2] == full[2]  # the same rows consumed, none repeated or lost
-    for name, value in full[1].items():
-        torch.testing.assert_close(resumed[1][name], value, rtol=0, atol=1e-5, msg=name)
+    for name, value in full[1].items():  # AdamW amplifies fp32 rounding of near-zero gradients
+        torch.testing.assert_close(resumed[1][name], value, rtol=0, atol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("layout", [

@@ -1,4 +1,4 @@
-"""Packing rules: blocks never split, every token once, rows within seq_len, oversize policy."""
+"""Packing rules: blocks never split, every token once, best fit, text cut to fill rows, oversize policy."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import pytest
 
 from emu3_train.data.index import ShardError
 from emu3_train.data.packing import Piece, pack_rows, split_document
+
+NO_SPANS = np.zeros((0, 2), np.int64)
 
 
 def random_layout(rng, n_docs, max_len=300, max_block=70):
@@ -23,7 +25,19 @@ def random_layout(rng, n_docs, max_len=300, max_block=70):
     return np.array(lengths), spans
 
 
-@pytest.mark.parametrize("seed", range(6))
+def check_cover(pieces_of: dict, lengths, spans, docs):
+    """Every token of each doc in ``docs`` exactly once, in contiguous pieces, no block cut."""
+    assert set(pieces_of) == set(docs)
+    for d, ps in pieces_of.items():
+        ps.sort(key=lambda p: p.start)
+        assert ps[0].start == 0 and ps[-1].end == lengths[d]
+        assert all(a.end == b.start for a, b in zip(ps, ps[1:]))
+        for p in ps:
+            for s, e in spans[d]:
+                assert not s < p.start < e and not s < p.end < e
+
+
+@pytest.mark.parametrize("seed", range(4))
 def test_packing_invariants_on_random_documents(seed):
     rng = np.random.default_rng(seed)
     seq_len = 64
@@ -33,23 +47,38 @@ def test_packing_invariants_on_random_documents(seed):
     ids = rng.permutation(80)
     result = pack_rows(ids, lengths, spans.__getitem__, seq_len, "skip")
 
-    assert sorted(result.skipped) == sorted(oversize)
+    assert sorted(result.skipped) == sorted(oversize) and not result.carry
     pieces: dict[int, list[Piece]] = {}
     for row in result.rows:
         assert 0 < sum(p.length for p in row) <= seq_len
         for p in row:
             pieces.setdefault(p.doc_id, []).append(p)
-    assert set(pieces) == set(range(80)) - oversize
-    for d, ps in pieces.items():  # every token of the doc exactly once, in contiguous pieces
-        ps.sort(key=lambda p: p.start)
-        assert ps[0].start == 0 and ps[-1].end == lengths[d]
-        assert all(a.end == b.start for a, b in zip(ps, ps[1:]))
-        for p in ps:  # no piece boundary strictly inside a vision block
-            for s, e in spans[d]:
-                assert not s < p.start < e and not s < p.end < e
-    assert result.num_split == sum(len(ps) > 1 for ps in pieces.values()) > 0
+    check_cover(pieces, lengths, spans, set(range(80)) - oversize)
+    assert result.num_split == sum(len(ps) - 1 for ps in pieces.values()) > 0
     again = pack_rows(ids, lengths, spans.__getitem__, seq_len, "skip")
     assert again.rows == result.rows  # deterministic
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_windows_with_carry_place_every_token_once(seed):
+    rng = np.random.default_rng(seed)
+    seq_len = 128
+    lengths, spans = random_layout(rng, 120, max_block=100)
+    carry, rows = [], []
+    for w in range(0, 120, 16):  # a stream of windows: the last one flushes its open row
+        last = w + 16 >= 120
+        result = pack_rows(range(w, min(w + 16, 120)), lengths, spans.__getitem__, seq_len, carry=carry, keep_open=not last)
+        assert sum(p.length for p in result.carry) <= seq_len
+        assert all(sum(p.length for p in row) <= seq_len for row in result.rows)
+        rows += result.rows
+        carry = result.carry
+    assert not carry
+    pieces: dict[int, list[Piece]] = {}
+    for p in (p for row in rows for p in row):
+        pieces.setdefault(p.doc_id, []).append(p)
+    check_cover(pieces, lengths, spans, set(range(120)))
+    fill = lengths.sum() / (len(rows) * seq_len)
+    assert fill > 0.97  # only the stream's last row may be partly empty, give or take min_cut
 
 
 def test_split_moves_back_to_the_block_start():
@@ -58,10 +87,52 @@ def test_split_moves_back_to_the_block_start():
     assert split_document(8, np.zeros((0, 2)), 8) == [(0, 8)]
 
 
-def test_first_fit_decreasing_fills_rows():
-    lengths = np.array([5, 3, 4, 2, 6])
-    result = pack_rows(range(5), lengths, lambda d: np.zeros((0, 2)), 10)
-    assert [[p.doc_id for p in row] for row in result.rows] == [[4, 2], [0, 1, 3]]
+def test_best_fit_puts_a_piece_in_the_row_with_least_room():
+    # blocks (rigid) 60, 50, 45 at seq_len 100: three rows with room 40, 50, 55
+    lengths = np.array([60, 50, 45, 38, 52])
+    spans = [np.array([[0, 60]]), np.array([[0, 50]]), np.array([[0, 45]]), NO_SPANS, NO_SPANS]
+    result = pack_rows(range(5), lengths, spans.__getitem__, 100)
+    # text 52 fits only the 55-room row; text 38 goes to the least room that fits: 40 (first-fit: 40 too),
+    rows = [[p.doc_id for p in row] for row in result.rows]
+    assert rows == [[0, 3], [1], [2, 4]]
+    lengths[3] = 45  # now best fit is the 50-room row, where first fit would take the 55-room one
+    result = pack_rows(range(5), lengths, spans.__getitem__, 100)
+    assert [[p.doc_id for p in row] for row in result.rows] == [[0], [1, 3], [2, 4]]
+
+
+def test_text_is_cut_to_fill_the_gaps_around_vision_blocks():
+    # 4 image documents of 800 tokens (one block each) at seq_len 1024, and 2 texts longer than a gap
+    seq_len = 1024
+    lengths = np.array([800] * 4 + [600, 296])
+    spans = [np.array([[10, 790]])] * 4 + [NO_SPANS, NO_SPANS]
+    result = pack_rows(range(6), lengths, spans.__getitem__, seq_len)
+    used = [sum(p.length for p in row) for row in result.rows]
+    assert used == [1024] * 4  # 4,096 tokens: 4 full rows
+    assert result.num_split >= 2
+    for row in result.rows:
+        assert sum(p.doc_id < 4 for p in row) == 1  # one image per row, never cut
+        for p in row:
+            if p.doc_id < 4:
+                assert (p.start, p.end) == (0, 800)
+
+
+def test_no_cut_leaves_a_fragment_shorter_than_min_cut():
+    lengths = np.array([90, 90, 40])
+    spans = [np.array([[0, 90]]), np.array([[0, 90]]), NO_SPANS]  # two rows with 10 free each
+    result = pack_rows(range(3), lengths, spans.__getitem__, 100, min_cut=16)
+    assert result.num_split == 0 and len(result.rows) == 3  # 10-token fragments: not worth a cut
+    result = pack_rows(range(3), lengths, spans.__getitem__, 100, min_cut=8)
+    assert result.num_split >= 1 and all(p.length >= 8 for row in result.rows for p in row)
+
+
+def test_keep_open_carries_the_least_filled_row():
+    lengths = np.array([70, 60, 20])
+    spans = [np.array([[0, 70]]), np.array([[0, 60]]), NO_SPANS]
+    result = pack_rows(range(3), lengths, spans.__getitem__, 100, keep_open=True)
+    assert [[p.doc_id for p in row] for row in result.rows] == [[0, 2]]
+    assert result.carry == [Piece(1, 0, 60)]
+    nxt = pack_rows([], lengths, spans.__getitem__, 100, carry=result.carry)
+    assert nxt.rows == [[Piece(1, 0, 60)]]
 
 
 def test_oversize_error_names_shard_and_key():
