@@ -22,6 +22,8 @@ from pathlib import Path
 from emu3_train.data.index import build_index, index_path, read_index, write_index
 from emu3_train.vocab import PRESETS, Vocab, get_vocab
 
+from ._cli import run_cli
+
 
 def index_is_current(tar: Path, vocab: Vocab) -> bool:
     """True if ``X.idx`` reads back for ``vocab``, matches the shard's size and is not older than it."""
@@ -71,11 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cli(argv: list[str] | None = None) -> int:
     """:func:`main` with bad input reported as one ``error:`` line (exit code 2)."""
-    try:
-        return main(argv)
-    except (ValueError, OSError) as e:  # ShardError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

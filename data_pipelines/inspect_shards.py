@@ -44,6 +44,7 @@ from emu3_train.layout import parse_vision_block, vision_spans
 from emu3_train.tokenizer import load_tokenizer
 from emu3_train.vocab import PRESETS, Vocab, get_vocab
 
+from ._cli import run_cli
 from .index_shards import index_is_current  # emu3_train.data_pipelines (installed from data_pipelines/)
 
 PROBLEMS = ("vocab_violations", "malformed_vision_blocks", "unreadable")
@@ -327,11 +328,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cli(argv: list[str] | None = None) -> int:
     """:func:`main` with a directory that cannot be inspected reported as one ``error:`` line (exit 2)."""
-    try:
-        return main(argv)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ from emu3_train.layout import i2t_document, t2i_document
 from emu3_train.tokenizer import load_tokenizer
 from emu3_train.vocab import PRESETS, Vocab, get_vocab
 
+from ._cli import run_cli
 from .tokenize_text import DocWriter  # emu3_train.data_pipelines (installed from data_pipelines/)
 
 if TYPE_CHECKING:
@@ -453,11 +454,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cli(argv: list[str] | None = None) -> int:
     """:func:`main` with bad input reported as one ``error:`` line (exit code 2)."""
-    try:
-        return main(argv)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ from emu3_train.layout import text_document
 from emu3_train.tokenizer import load_tokenizer
 from emu3_train.vocab import PRESETS, get_vocab
 
+from ._cli import run_cli
+
 PARTIAL_SUFFIX = ".partial"
 TEXT_SUFFIXES = (".jsonl", ".txt")  # what a directory input contributes
 WRITE_EVERY = 256  # documents per write + flush (what an interrupted run may redo)
@@ -232,11 +234,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cli(argv: list[str] | None = None) -> int:
     """:func:`main` with bad input reported as one ``error:`` line (exit code 2)."""
-    try:
-        return main(argv)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ from emu3_train.data.format import check_meta, check_tokens, encode_sample
 from emu3_train.data.index import build_index, index_path, index_shards, write_index
 from emu3_train.vocab import PRESETS, Vocab, get_vocab
 
+from ._cli import run_cli
+
 DEFAULT_MAX_COUNT = 10_000  # documents per shard
 DEFAULT_MAX_SIZE = 1_000_000_000  # bytes per shard (approximate: checked before each sample)
 
@@ -143,11 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cli(argv: list[str] | None = None) -> int:
     """:func:`main` with bad input reported as one ``error:`` line (exit code 2)."""
-    try:
-        return main(argv)
-    except (ValueError, OSError) as e:  # ShardError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

@@ -101,6 +101,7 @@ class _Rows:
         self.rows: list[list[Piece]] = []
         self.room: list[int] = []
         self.gaps: list[tuple[int, int]] = []
+        self.cuts = 0
 
     def best_fit(self, n: int) -> int:
         """Position in ``gaps`` of the row with the least room >= n, or -1."""
@@ -137,6 +138,7 @@ class _Rows:
             if cut < min_cut:
                 return Piece(d, start, end)
             self.put(len(self.gaps) - 1, Piece(d, start, start + cut))
+            self.cuts += 1
             start += cut
         return None
 
@@ -218,17 +220,14 @@ def pack_rows(
         if not donors:
             break
         donor = max(donors)[1]
-        saved = (list(rows.gaps), [list(row) for row in rows.rows], list(rows.room))
-        before = sum(map(len, rows.rows))
+        saved = (list(rows.gaps), [list(row) for row in rows.rows], list(rows.room), rows.cuts)
         left = rows.drain(donor, min_cut)
-        result.num_split += sum(map(len, rows.rows)) - before + len(left)
         if left:
             if keep_open:  # the drained row is carried: its rest goes to the next window
                 rows.rows[donor] = left
                 carry_row = donor
-            else:  # nothing saved: undo
-                rows.gaps, rows.rows, rows.room = saved
-                result.num_split -= sum(map(len, saved[1])) - before  # no-op count (restored below)
+            else:  # no row saved: undo
+                rows.gaps, rows.rows, rows.room, rows.cuts = saved
             break
 
     keep = [r for r in range(len(rows.rows)) if rows.rows[r]]
@@ -239,4 +238,5 @@ def pack_rows(
             result.carry = rows.rows[carry_row]
             keep.remove(carry_row)
     result.rows = [rows.rows[r] for r in keep]
+    result.num_split += rows.cuts
     return result
