@@ -52,6 +52,19 @@ def _git_sha() -> str | None:
         return None
 
 
+def _versions() -> dict:
+    """Versions of the libraries that shape a checkpoint's numbers."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("emu3-train", "torch", "triton", "numpy", "transformers", "webdataset", "deepspeed"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
 def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
@@ -104,7 +117,7 @@ class CheckpointManager:
             _write_json(tmp / "loader.json", loader_state)
             _write_json(tmp / "meta.json", {
                 "step": step, "tokens_seen": tokens_seen, "config": config, "git_sha": _git_sha(),
-                    "versions": {"torch": torch.__version__}, "world_size": _world(),
+                    "versions": _versions(), "world_size": _world(),
             })
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}

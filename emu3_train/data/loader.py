@@ -181,6 +181,7 @@ class PackedLoader:
             self._submit()  # keep `prefetch` batches in flight while the trainer computes
         self.cursor += self.dp_size * self.micro_batch_size
         self.stream.forget_before(self.cursor)
+        self.stream.settle(self.cursor)
         c = self._counts
         for d, message in bad:
             c["skipped_bad"] += 1
@@ -204,10 +205,10 @@ class PackedLoader:
         """Running data stats of this rank since construction (or the last reset).
 
         ``fill``: non-padding fraction of the tokens served; ``docs_per_row``: pieces per row;
-        ``skipped``: ``skipped_oversize`` (documents dropped as oversize in the windows this
-        loader planned) + ``skipped_bad`` (bad samples this rank left out under
+        ``skipped``: ``skipped_oversize`` (documents dropped as oversize in the packing windows the
+        cursor entered, the same on every rank) + ``skipped_bad`` (bad samples this rank left out under
         ``on_bad_sample=skip``, once per batch that needed them) + ``skipped_shard_docs`` (samples
-        of shards left out at open); ``split``: cuts made by packing in the planned windows.
+        of shards left out at open); ``split``: cuts made by packing in those windows.
         """
         c = self._counts
         plan = {k: v - self._plan_base[k] for k, v in self.stream.counts.items()}
@@ -253,5 +254,5 @@ class PackedLoader:
         if not seed.row <= cursor:
             raise ValueError(f"loader state: cursor {cursor} lies before its window's first row {seed.row}")
         self._drop_pending()
-        self.stream.restart(seed)
+        self.stream.restart(seed, recount=True)
         self.cursor = self._submitted = cursor

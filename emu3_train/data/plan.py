@@ -28,7 +28,7 @@ Global document ids number the documents of source 0, then source 1, ... (``offs
 from __future__ import annotations
 
 import bisect
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -116,7 +116,8 @@ class RowStream:
     """The infinite global row sequence of ``sources`` (module docstring).
 
     ``sources``: ``ShardSet`` or :class:`LengthsSource` objects; ``weights``: one per source.
-    ``counts``: documents dropped as oversize and cuts made, in windows planned for the first time.
+    ``counts``: documents dropped as oversize and cuts made, in the windows whose first row lies
+    before the cursor last passed to :meth:`settle` (so the same however far ahead rows are planned).
     """
 
     def __init__(self, sources: Sequence, weights: Sequence[float], seed: int, seq_len: int, pack_window: int,
@@ -144,7 +145,8 @@ class RowStream:
                 raise ValueError(f"every document in {src.path} has a vision block longer than seq_len "
                                  f"{self.seq_len}; nothing to train on")
         self.counts = {"skipped": 0, "split": 0}
-        self._counted_to = -1  # highest window whose drops and cuts are in counts
+        self._counted_to = -1  # highest window whose drops and cuts were recorded
+        self._uncounted: deque[tuple[int, int, int]] = deque()  # (first row, dropped, cuts) per window
         self._orders: OrderedDict[tuple[int, int], _EpochOrder] = OrderedDict()
         self.restart(self.origin())
 
@@ -204,8 +206,12 @@ class RowStream:
         nxt = Seed(seed.window + 1, seed.row + len(result.rows), state, result.carry)
         return result.rows, nxt, dropped, result.num_split
 
-    def restart(self, seed: Seed) -> None:
-        """Plan from ``seed`` on (rows before it are replanned from the origin if asked for)."""
+    def restart(self, seed: Seed, recount: bool = False) -> None:
+        """Plan from ``seed`` on (rows before it are replanned from the origin if asked for);
+        ``recount``: count the windows from ``seed`` on as new (a loaded state)."""
+        if recount:
+            self._counted_to = seed.window - 1
+            self._uncounted.clear()
         self._seeds, self._starts = [seed], [seed.row]
         self._cache: OrderedDict[int, list[list[Piece]]] = OrderedDict()
 
@@ -218,6 +224,12 @@ class RowStream:
         self._starts.append(nxt.row)
         if seed.window > self._counted_to:
             self._counted_to = seed.window
+            self._uncounted.append((seed.row, dropped, cuts))
+
+    def settle(self, cursor: int) -> None:
+        """Add the counts of the windows starting before row ``cursor`` to ``counts``."""
+        while self._uncounted and self._uncounted[0][0] < cursor:
+            _, dropped, cuts = self._uncounted.popleft()
             self.counts["skipped"] += dropped
             self.counts["split"] += cuts
 

@@ -43,7 +43,10 @@ def test_round_trip(tmp_path):
     path = save_checkpoint(tmp_path, 3, model, opt, sched, {"epoch": 0, "cursor": 24}, {"x": 1}, 99)
     assert path.name == "step_000003" and (tmp_path / "latest").read_text().strip() == "step_000003"
     assert not list(tmp_path.glob(".tmp*"))
-    assert json.loads((path / "meta.json").read_text())["tokens_seen"] == 99
+    meta_json = json.loads((path / "meta.json").read_text())
+    assert meta_json["tokens_seen"] == 99 and meta_json["config"] == {"x": 1}
+    assert "torch" in meta_json["versions"] and "git_sha" in meta_json
+    assert (path / "rng" / "rank_00000.pt").is_file()
 
     model2, opt2, sched2 = _setup(1)
     meta = load_checkpoint(tmp_path, model2, opt2, sched2)
