@@ -68,11 +68,12 @@ def text(rng, n: int, median: float, sigma: float = 1.0, longest: int = 400_000)
 def mix(stage: int, rng) -> tuple[list[LengthsSource], list[float], int]:
     if stage == 1:
         return [pairs(rng, 20_000, 64 * 64), text(rng, 60_000, 700)], [0.6, 0.4], 5120
-    return [pairs(rng, 4_000, 128 * 128), videos(rng, 3_000), text(rng, 8_000, 3000)], [0.4, 0.35, 0.25], 131072
+    sources = [pairs(rng, 4_000, 128 * 128), videos(rng, 3_000), text(rng, 8_000, 3000)]
+    return sources, [0.4, 0.35, 0.25], 131072
 
 
 def first_fit_decreasing(ids, lengths, spans, seq_len: int) -> int:
-    """Rows used by the previous planner on one window: pieces longest first, each into the first row with room."""
+    """Rows the previous planner used for one window: longest piece first, into the first row with room."""
     pieces = [e - s for d in ids for s, e in split_document(int(lengths[d]), spans(d), seq_len)]
     free: list[int] = []
     for n in sorted(pieces, reverse=True):
@@ -102,7 +103,8 @@ def run(stage: int, windows: int, pack_window: int, seed: int) -> dict:
         tokens += int(lengths.sum())
         np.add.at(per_source, [stream.locate(d)[0] for d in ids], lengths)
         ffd_rows += first_fit_decreasing(ids, stream.lengths, stream.vision_spans, seq_len)
-        one_rows += sum(len(split_document(int(stream.lengths[d]), stream.vision_spans(d), seq_len)) for d in ids)
+        one_rows += sum(len(split_document(int(stream.lengths[d]), stream.vision_spans(d), seq_len))
+                        for d in ids)
     rows += bool(carry)  # the stream's end flushes the open row
     slots = lambda n: n * seq_len  # noqa: E731
     out = {"seq_len": seq_len, "docs": windows * pack_window, "tokens": tokens, "rows": rows,
@@ -116,7 +118,7 @@ def run(stage: int, windows: int, pack_window: int, seed: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pack-window", type=int, default=256)
-    parser.add_argument("--windows", type=int, nargs=2, default=[100, 40], help="windows for stage 1, stage 2")
+    parser.add_argument("--windows", type=int, nargs=2, default=[100, 40], help="windows: stage 1, stage 2")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     figures = {}
@@ -124,10 +126,10 @@ def main() -> None:
         r = run(stage, windows, args.pack_window, args.seed)
         s = r["seq_len"]
         ok = "meets" if r["fill"] >= TARGETS[s] else "MISSES"
-        print(f"stage {stage}: {r['docs']} documents, {r['tokens'] / 1e6:.1f}M tokens ({r['text_share']:.0%} text), "
-              f"seq_len {s}, {r['rows']} rows")
-        print(f"  ours (best-fit decreasing + text cuts + carry): fill {r['fill']:.4f} ({ok} the {TARGETS[s]} "
-              f"target), {r['cuts_per_row']:.2f} cuts/row, {r['docs_per_s']:.0f} docs/s planned")
+        print(f"stage {stage}: {r['docs']} documents, {r['tokens'] / 1e6:.1f}M tokens "
+              f"({r['text_share']:.0%} text), seq_len {s}, {r['rows']} rows")
+        print(f"  ours (best-fit decreasing + text cuts + carry): fill {r['fill']:.4f} ({ok} the "
+              f"{TARGETS[s]} target), {r['cuts_per_row']:.2f} cuts/row, {r['docs_per_s']:.0f} docs/s planned")
         print(f"  first-fit decreasing (baseline):                 fill {r['ffd_fill']:.4f} -> ours "
               f"x{r['fill'] / r['ffd_fill']:.3f}")
         print(f"  one document per row:                            fill {r['one_per_row_fill']:.4f} -> ours "

@@ -36,7 +36,9 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5  # RMSNorm epsilon
     attention_dropout: float = 0.0  # dropout on attention probabilities (Emu3 uses 0.1)
     init_std: float = 0.02  # std of the normal init of every linear and embedding weight
-    attn_impl: str = "sdpa"  # sdpa (CPU + reference) | flex | varlen | auto
+    # attention kernel: sdpa (everywhere, reference) | flex (CUDA) | varlen (CUDA, bf16) | auto (fastest
+    # that runs); flex and varlen have no attention dropout and apply only at parallel.cp=1
+    attn_impl: str = "sdpa"
     recompute: str = "none"  # activation recompute per block: none | full | selective
 
 
@@ -50,7 +52,12 @@ class DataConfig:
     seed: int = 0  # shuffle seed of the document stream
     pack_window: int = 256  # documents considered together when packing rows
     oversize_policy: str = "skip"  # a vision block longer than seq_len: skip (and count) | error
-    num_workers: int = 0  # reserved for background reading; 0 = in the training process
+    num_workers: int = 0  # background reader threads; 0 = read in the training process
+    # several sources mixed by token share, "WEIGHT:DIR" (DIR relative to data.path); [] = data.path
+    blend: list[str] = field(default_factory=list)
+    shard_group: int = 0  # shards whose documents are shuffled together per epoch; 0 = all shards
+    prefetch: int = 2  # micro-batches read ahead per rank when num_workers > 0
+    on_bad_sample: str = "error"  # a sample failing its read checks: error (name shard, key) | skip (count)
 
 
 @dataclass
@@ -147,10 +154,11 @@ def register_configs() -> None:
 
 _CHOICES = {
     "model.backend": ("torch",),
-    "model.attn_impl": ("sdpa", "auto"),
-    "model.recompute": ("none", "full"),
+    "model.attn_impl": ("sdpa", "auto", "flex", "varlen"),
+    "model.recompute": ("none", "full", "selective"),
     "data.vocab": ("demo", "emu3"),
     "data.oversize_policy": ("skip", "error"),
+    "data.on_bad_sample": ("error", "skip"),
     "parallel.cp_impl": ("allgather", "ulysses"),
     "loss.impl": ("auto", "reference", "triton"),
     "trainer.precision": ("fp32", "bf16"),
@@ -162,9 +170,6 @@ _CHOICES = {
 _NOT_YET = {
     ("model.backend", "te"): "the Transformer Engine backend needs transformer-engine (pip extra 'gpu') "
                              "and is not implemented yet",
-    ("model.attn_impl", "flex"): "flex attention is GPU-only and not implemented yet; use sdpa",
-    ("model.attn_impl", "varlen"): "varlen attention is GPU-only and not implemented yet; use sdpa",
-    ("model.recompute", "selective"): "selective recompute is not implemented yet; use none or full",
 }
 
 
@@ -173,6 +178,23 @@ def _get(cfg, dotted: str):
     for part in dotted.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def _check_gpu_attention(impl: str, dropout: float, cp: int, device: str, precision: str) -> None:
+    """flex and varlen train only on CUDA, without attention dropout, at cp=1 (varlen: bf16)."""
+    if device == "cpu":
+        why = "FlexAttention has no CPU backward" if impl == "flex" else "varlen_attn is CUDA-only"
+        raise ConfigError(f"model.attn_impl={impl} cannot train with trainer.device=cpu ({why}); "
+                          "use sdpa or auto")
+    if dropout:
+        raise ConfigError(f"model.attn_impl={impl} has no attention dropout, but model.attention_dropout="
+                          f"{dropout}; use sdpa or auto")
+    if cp > 1:
+        raise ConfigError(f"model.attn_impl={impl} is not used under parallel.cp={cp}: context parallelism "
+                          "attends with its own parallel.cp_impl cores; use sdpa or auto")
+    if impl == "varlen" and precision != "bf16":
+        raise ConfigError(f"model.attn_impl=varlen needs trainer.precision=bf16 (flash attention has no "
+                          f"{precision}); use flex or auto")
 
 
 def validate(cfg: TrainConfig, world_size: int = 1, vocab_size: int | None = None) -> None:
@@ -201,6 +223,15 @@ def validate(cfg: TrainConfig, world_size: int = 1, vocab_size: int | None = Non
     for name, value in positive.items():
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
+    if d.num_workers < 0 or d.shard_group < 0 or d.prefetch < 1:
+        raise ConfigError(f"data.num_workers={d.num_workers} and data.shard_group={d.shard_group} must be "
+                          f">= 0 and data.prefetch={d.prefetch} >= 1")
+    from emu3_train.data.blend import parse_blend  # the blend syntax lives with the loader
+
+    try:
+        parse_blend(d.path, d.blend)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     if m.hidden_size % m.num_heads:
         raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by "
                           f"model.num_heads={m.num_heads}")
@@ -218,6 +249,8 @@ def validate(cfg: TrainConfig, world_size: int = 1, vocab_size: int | None = Non
                           f"{m.max_position_embeddings}")
     if not 0.0 <= m.attention_dropout < 1.0:
         raise ConfigError(f"model.attention_dropout must be in [0, 1), got {m.attention_dropout}")
+    if m.attn_impl in ("flex", "varlen"):
+        _check_gpu_attention(m.attn_impl, m.attention_dropout, p.cp, t.device, t.precision)
     if o.lr <= 0 or not 0.0 <= o.min_lr_ratio <= 1.0:
         raise ConfigError(f"optim.lr must be > 0 and optim.min_lr_ratio in [0, 1], got lr={o.lr}, "
                           f"min_lr_ratio={o.min_lr_ratio}")

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from emu3_train.checkpoint import CheckpointManager, load_checkpoint, load_weights
 from emu3_train.config import ConfigError, TrainConfig, validate
+from emu3_train.data.blend import open_blend
 from emu3_train.data.index import ShardError
 from emu3_train.data.loader import PackedLoader
 from emu3_train.data.stream import ShardSet
@@ -62,7 +63,7 @@ class Trainer:
         validate(cfg, self.world_size, self.vocab.size)
         self.dims = ParallelDims.from_config(cfg, self.world_size)
         self.dp, self.accum = self.dims.dp, self.dims.grad_accum_steps(cfg)
-        shards = ShardSet(cfg.data.path, self.vocab)
+        sources, weights = open_blend(cfg.data.path, cfg.data.blend, self.vocab, cfg.data.on_bad_sample)
         if cfg.eval.task == "digits":
             ShardSet(cfg.eval.path, self.vocab)  # fail now, not after training
         self.device = pick_device(cfg.trainer.device)
@@ -84,10 +85,12 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
         self.loader = PackedLoader(
-            shards, seq_len=cfg.data.seq_len, micro_batch_size=cfg.data.micro_batch_size,
+            sources, seq_len=cfg.data.seq_len, micro_batch_size=cfg.data.micro_batch_size,
             dp_rank=dp_rank, dp_size=self.dp,
             seed=cfg.data.seed, vision_weight=cfg.loss.vision_weight,
-            pack_window=cfg.data.pack_window, oversize_policy=cfg.data.oversize_policy)
+            pack_window=cfg.data.pack_window, oversize_policy=cfg.data.oversize_policy,
+            weights=weights, shard_group=cfg.data.shard_group, num_workers=cfg.data.num_workers,
+            prefetch=cfg.data.prefetch, on_bad_sample=cfg.data.on_bad_sample)
         self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "ckpt")
         self.checkpoints = CheckpointManager(
             self.ckpt_dir, async_save=cfg.checkpoint.async_save, keep_last=cfg.checkpoint.keep_last,
@@ -244,10 +247,20 @@ class Trainer:
             "perf/tokens_per_s_per_gpu": tokens * self.dp / self.world_size / seconds,
             "data/fill": 1.0 - sum(m["pad"] for m in window) / max(1, tokens),
             "data/docs_per_row": sum(m["docs"] for m in window) / max(1, sum(m["rows"] for m in window)),
-            "data/skipped": float(self.loader.stats().get("skipped", 0)),
+            "data/skipped": self._skipped_docs(),
             "train/tokens_seen": float(self.tokens_seen * self.dp),
         })
         return out
+
+    def _skipped_docs(self) -> float:
+        """Documents skipped so far: oversize and unreadable shards (planned alike on every rank)
+        plus bad samples (each rank sees those of its own rows, so they are summed over dp)."""
+        stats = self.loader.stats()
+        bad = torch.tensor([float(stats.get("skipped_bad", 0))], dtype=torch.float64)
+        if self.mesh is not None and self.dp > 1:
+            named_collective("all_reduce(data/skipped) over 'dp'", torch.distributed.all_reduce, bad,
+                             group=self.mesh["dp"].get_group())
+        return float(stats.get("skipped", 0)) - float(stats.get("skipped_bad", 0)) + float(bad)
 
     def save(self, wait: bool = False) -> Path:
         """Checkpoint the current step (in the background with ``checkpoint.async_save``)."""
@@ -318,6 +331,7 @@ def run_training(cfg: TrainConfig, run_dir: Path, rank: int = 0, world_size: int
                   flush=True)
             last = {**last, "eval": result}
     finally:
+        trainer.loader.close()
         trainer.checkpoints.wait()  # publish a background save even when training failed
         trainer.logger.finish()
     return last

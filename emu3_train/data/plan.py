@@ -48,12 +48,14 @@ class LengthsSource:
     ``[D]``, ``shard_offsets`` ``[shards + 1]``, ``vision_spans(d)``, ``describe(d)``.
     """
 
-    def __init__(self, lengths, spans: Sequence[np.ndarray], docs_per_shard: int = 1000, name: str = "synthetic"):
+    def __init__(self, lengths, spans: Sequence[np.ndarray], docs_per_shard: int = 1000,
+                 name: str = "synthetic"):
         self.lengths = np.asarray(lengths, np.int64)
         self._spans = [np.asarray(s, np.int64).reshape(-1, 2) for s in spans]
         self.max_block = np.array([int((s[:, 1] - s[:, 0]).max()) if len(s) else 0 for s in self._spans],
                                   np.int64)
-        self.shard_offsets = np.unique(np.r_[np.arange(0, len(self.lengths), docs_per_shard), len(self.lengths)])
+        n = len(self.lengths)
+        self.shard_offsets = np.unique(np.r_[np.arange(0, n, docs_per_shard), n])
         self.path = name
 
     def __len__(self) -> int:
@@ -132,15 +134,17 @@ class RowStream:
         self.sources, self.blend = list(sources), TokenBlend(weights)
         self.seed, self.seq_len, self.pack_window = int(seed), int(seq_len), int(pack_window)
         self.oversize_policy, self.shard_group = oversize_policy, int(shard_group)
-        self.offsets = np.concatenate([[0], np.cumsum([len(s.lengths) for s in self.sources])]).astype(np.int64)
+        sizes = [len(s.lengths) for s in self.sources]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.lengths = np.concatenate([s.lengths for s in self.sources]).astype(np.int64)
         self.max_block = np.concatenate([s.max_block for s in self.sources])
-        for i, src in enumerate(self.sources):
+        for src in self.sources:
             oversize = np.flatnonzero(src.max_block > self.seq_len)
             if len(oversize) and oversize_policy == "error":  # fail before training, not mid-epoch
                 d = int(oversize[0])
-                raise ShardError(f"{src.describe(d)}: vision block of {int(src.max_block[d])} tokens is longer "
-                                 f"than seq_len {self.seq_len}; raise seq_len or set oversize_policy=skip")
+                raise ShardError(f"{src.describe(d)}: vision block of {int(src.max_block[d])} tokens is "
+                                 f"longer than seq_len {self.seq_len}; raise seq_len or set "
+                                 "oversize_policy=skip")
             if len(oversize) == len(src.lengths):
                 raise ValueError(f"every document in {src.path} has a vision block longer than seq_len "
                                  f"{self.seq_len}; nothing to train on")

@@ -66,7 +66,8 @@ class ShardSet:
         self.path = Path(path)
         self.vocab = vocab
         if on_bad_sample not in BAD_SAMPLE_POLICIES:
-            raise ValueError(f"on_bad_sample is {on_bad_sample!r}; expected one of {list(BAD_SAMPLE_POLICIES)}")
+            raise ValueError(f"on_bad_sample is {on_bad_sample!r}; expected one of "
+                             f"{list(BAD_SAMPLE_POLICIES)}")
         if not self.path.is_dir():
             raise FileNotFoundError(f"shard directory not found: {self.path}")
         tars = sorted(self.path.glob("*.tar"))

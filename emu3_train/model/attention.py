@@ -1,13 +1,22 @@
 """Grouped-query self-attention over packed documents, with a swappable attention core.
 
 The attention module owns the projections and RoPE; the *core* computes
-``softmax(q k^T / sqrt(D) + document-causal mask) v``. Context parallelism (and later flash/flex
-backends) replace ``Attention.core`` with another object of the same interface, so this module
-never imports anything parallel:
+``softmax(q k^T / sqrt(D) + document-causal mask) v``. ``model.attn_impl`` picks it:
+
+- ``sdpa``: :class:`SdpaCore`, dense boolean mask; runs everywhere, with dropout; the reference.
+- ``flex``: :class:`~emu3_train.model.flex.FlexCore`, block-sparse; CUDA training, CPU forward only.
+- ``varlen``: :class:`~emu3_train.model.varlen.VarlenCore`, flash attention over ``cu_seqlens``;
+  CUDA, fp16/bf16 only.
+- ``auto``: :class:`AutoCore`, per call the fastest that runs (:func:`choose_attn_impl`).
+
+flex and varlen have no attention dropout. Context parallelism replaces ``Attention.core`` with its
+own cores (same interface), so this module never imports anything parallel and ``attn_impl``
+matters only at ``parallel.cp=1``:
 
     core.forward(q [B, S, Hq, D], k [B, S, Hkv, D], v [B, S, Hkv, D], docs) -> [B, S, Hq, D]
 
-``docs`` is a :class:`DocumentLayout`, built once per decoder forward and shared by every layer.
+``docs`` is a :class:`DocumentLayout`, built once per decoder forward and shared by every layer;
+it caches what the cores derive from it (dense mask, BlockMask, varlen segments).
 """
 
 from __future__ import annotations
@@ -17,7 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from emu3_train.config import ConfigError, ModelConfig
+from emu3_train.model.flex import FlexCore, document_block_mask
 from emu3_train.model.rope import apply_rope
+from emu3_train.model.varlen import HALF_DTYPES, VarlenCore, row_segments, varlen_available
 
 
 class DocumentLayout:
@@ -50,6 +61,8 @@ class DocumentLayout:
         self.doc_ids = torch.searchsorted(bounds, flat, right=True).view(batch, seq)
         self.position_ids = position_ids
         self._mask: torch.Tensor | None = None
+        self._block_masks: dict = {}  # flex BlockMask per block size
+        self._segments: tuple[torch.Tensor, int] | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -67,6 +80,18 @@ class DocumentLayout:
             causal = torch.ones(seq, seq, dtype=torch.bool, device=self.doc_ids.device).tril()
             self._mask = (same_doc & causal).unsqueeze(1)
         return self._mask
+
+    def block_mask(self, block_size: int):
+        """The same mask as a flex ``BlockMask`` of ``block_size``-token blocks (cached)."""
+        if block_size not in self._block_masks:
+            self._block_masks[block_size] = document_block_mask(self.doc_ids, block_size)
+        return self._block_masks[block_size]
+
+    def varlen_segments(self) -> tuple[torch.Tensor, int]:
+        """(cu_seqlens int32 [N + 1] with every row end included, longest segment in tokens), cached."""
+        if self._segments is None:
+            self._segments = row_segments(self.cu_seqlens, *self.shape)
+        return self._segments
 
 
 class SdpaCore(nn.Module):
@@ -101,13 +126,48 @@ class SdpaCore(nn.Module):
 ATTN_IMPLS = ("sdpa", "auto", "flex", "varlen")
 
 
+def choose_attn_impl(device: torch.device, dtype: torch.dtype, dropout_active: bool) -> str:
+    """``auto``'s choice for q/k/v on ``device`` in ``dtype``: varlen on CUDA with flash attention
+    and fp16/bf16, else flex on CUDA, else sdpa; sdpa whenever attention dropout is active (only
+    sdpa has it) and on every other device (flex has no CPU backward)."""
+    if device.type != "cuda" or dropout_active:
+        return "sdpa"
+    return "varlen" if dtype in HALF_DTYPES and varlen_available(device) else "flex"
+
+
+class AutoCore(nn.Module):
+    """``model.attn_impl=auto``: dispatches each call to the sdpa, flex or varlen core
+    (:func:`choose_attn_impl`). All three compute the same function; only speed differs."""
+
+    def __init__(self, dropout: float = 0.0):
+        super().__init__()
+        self.dropout = dropout
+        self.sdpa = SdpaCore(dropout)
+        self.flex = FlexCore()
+        self.varlen = VarlenCore()
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: DocumentLayout
+    ) -> torch.Tensor:
+        impl = choose_attn_impl(q.device, q.dtype, self.training and self.dropout > 0)
+        return getattr(self, impl)(q, k, v, docs)
+
+    def extra_repr(self) -> str:
+        return f"dropout={self.dropout}"
+
+
 def build_attention_core(cfg: ModelConfig) -> nn.Module:
-    """The attention core named by ``cfg.attn_impl`` (``auto`` means sdpa for now)."""
+    """The attention core named by ``cfg.attn_impl`` (see the module docstring)."""
     impl = cfg.attn_impl
-    if impl in ("sdpa", "auto"):
+    if impl == "sdpa":
         return SdpaCore(dropout=cfg.attention_dropout)
+    if impl == "auto":
+        return AutoCore(dropout=cfg.attention_dropout)
     if impl in ("flex", "varlen"):
-        raise ValueError(f"model.attn_impl={impl!r} is not implemented yet; use 'sdpa' or 'auto'")
+        if cfg.attention_dropout:
+            raise ConfigError(f"model.attn_impl={impl} has no attention dropout, but "
+                              f"model.attention_dropout={cfg.attention_dropout}; use sdpa or auto")
+        return FlexCore() if impl == "flex" else VarlenCore()
     raise ValueError(f"model.attn_impl={impl!r} is unknown; choose one of {ATTN_IMPLS}")
 
 

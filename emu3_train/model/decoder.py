@@ -7,7 +7,8 @@ residual branches (as HF's ``Emu3DecoderLayer``). Parameter names equal HF's sta
 so export and import are rename-free.
 
 The model is plain: no parallel code. Activation recompute is a pass (:func:`apply_recompute`)
-that ``parallel/parallelize.py`` applies like the others.
+that ``parallel/parallelize.py`` applies like the others; the attention kernel is
+``model.attn_impl`` (``model/attention.py``).
 
     model = Emu3CausalLM(cfg.model, vocab_size=get_vocab("demo").size)
     hidden = model(tokens, position_ids, cu_seqlens)          # [B, S, H], final norm applied
@@ -23,9 +24,10 @@ from torch.utils.checkpoint import checkpoint
 
 from emu3_train.config import ConfigError, ModelConfig
 from emu3_train.model.attention import Attention, DocumentLayout
+from emu3_train.model.recompute import selective_checkpoint_context
 from emu3_train.model.rope import rope_cos_sin
 
-RECOMPUTE_MODES = ("none", "full")
+RECOMPUTE_MODES = ("none", "full", "selective")
 
 
 class RMSNorm(nn.Module):
@@ -145,10 +147,13 @@ class Decoder(nn.Module):
         docs = self.make_layout(cu_seqlens, position_ids, token_index)
         x = self.embed_tokens(tokens)
         cos, sin = rope_cos_sin(position_ids, self.head_dim, self.rope_theta, dtype=x.dtype)
-        recompute = self.recompute == "full" and torch.is_grad_enabled()
+        recompute = self.recompute if torch.is_grad_enabled() else "none"
         for layer in self.layers:
-            if recompute:
+            if recompute == "full":
                 x = checkpoint(layer, x, cos, sin, docs, use_reentrant=False)
+            elif recompute == "selective":
+                x = checkpoint(layer, x, cos, sin, docs, use_reentrant=False,
+                               context_fn=selective_checkpoint_context)
             else:
                 x = layer(x, cos, sin, docs)
         return self.norm(x)
@@ -205,16 +210,16 @@ class Emu3CausalLM(nn.Module):
 
 
 def apply_recompute(model: nn.Module, mode: str) -> None:
-    """Activation recompute pass: ``mode`` is ``model.recompute`` (none | full).
+    """Activation recompute pass: ``mode`` is ``model.recompute`` (none | full | selective).
 
     ``full`` recomputes each decoder layer in backward (``torch.utils.checkpoint``,
-    non-reentrant, RNG state preserved so dropout masks match). Parameter names are unchanged.
-    Accepts an :class:`Emu3CausalLM` or a :class:`Decoder`.
+    non-reentrant, RNG state preserved so dropout masks match). ``selective`` checkpoints each
+    layer too but keeps matmul and attention outputs, recomputing only the pointwise ops
+    (``model/recompute.py``). Parameter names are unchanged. Accepts an :class:`Emu3CausalLM` or
+    a :class:`Decoder`.
     """
     if mode not in RECOMPUTE_MODES:
-        hint = " ('selective' is not implemented yet)" if mode == "selective" else ""
-        raise ConfigError(f"model.recompute={mode!r} is not supported{hint}; choose one of "
-                          f"{RECOMPUTE_MODES}")
+        raise ConfigError(f"model.recompute={mode!r} is not supported; choose one of {RECOMPUTE_MODES}")
     decoder = model.model if isinstance(model, Emu3CausalLM) else model
     if not isinstance(decoder, Decoder):
         raise TypeError(f"apply_recompute expects Emu3CausalLM or Decoder, got {type(model).__name__}")

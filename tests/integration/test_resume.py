@@ -78,3 +78,18 @@ def test_loss_spike_is_reported(demo_data, tmp_path, capsys):
     for loss in (1.0, 1.1, 0.9, 5.0):
         t._check_spike(loss)
     assert "loss spike 5.0000 > 2.0 x running mean" in capsys.readouterr().out
+
+
+def test_resume_with_another_worker_count(demo_data, tmp_path):
+    """Reader threads are not part of the state: 1 worker saved, 0 workers resumed, same stream."""
+    full = _trainer(demo_data, tmp_path / "a", "data.num_workers=1")
+    expected = [full.train_step()["train/loss"] for _ in range(4)]
+    first = _trainer(demo_data, tmp_path / "b", "data.num_workers=1")
+    got = [first.train_step()["train/loss"] for _ in range(2)]
+    first.save(wait=True)
+    first.loader.close()
+    resumed = _trainer(demo_data, tmp_path / "b", "data.num_workers=0", "checkpoint.resume=latest")
+    got += [resumed.train_step()["train/loss"] for _ in range(2)]
+    assert got == expected
+    assert resumed.loader.state_dict() == full.loader.state_dict()
+    full.loader.close()

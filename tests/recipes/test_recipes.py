@@ -80,7 +80,7 @@ def test_missing_shard_path_is_reported():
     ("data.global_batch_size=3", "data.global_batch_size"),
     ("data.seq_len=0", "data.seq_len"),
     ("model.vocab_size=100", "model.vocab_size"),
-    ("model.attn_impl=flex", "model.attn_impl"),
+    ("model.attn_impl=bogus", "model.attn_impl"),
     ("model.backend=te", "model.backend"),
     ("trainer.precision=fp8", "trainer.precision"),
     ("optim.warmup_steps=-1", "optim.warmup_steps"),

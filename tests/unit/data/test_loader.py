@@ -103,17 +103,18 @@ def test_resume_under_other_dp_workers_and_micro_batch_continues_the_same_stream
     data, weights = (shards, None) if source == "one" else blend
     make = lambda mb, dp, workers: lambda r: loader(data, mb=mb, rank=r, dp=dp,  # noqa: E731
                                                     weights=weights, num_workers=workers, prefetch=3)
-    ref, _ = run_ranks(make(mb=1, dp=1, workers=0), dp=1, steps=60)
+    ref, _ = run_ranks(make(mb=1, dp=1, workers=0), dp=1, steps=100)
 
     before, states = run_ranks(make(mb=2, dp=2, workers=2), dp=2, steps=3)  # 12 rows
     assert all(s == states[0] for s in states) and states[0]["cursor"] == 12
     for mb, dp, workers, steps in ((3, 1, 0, 16), (1, 4, 0, 12), (2, 4, 2, 6)):
         after, _ = run_ranks(make(mb=mb, dp=dp, workers=workers), dp=dp, steps=steps, state=states[0])
         assert_same_rows(before + after, ref[:len(before) + len(after)])
-    # and again from a cursor that is no multiple of the new step size, past an epoch of `a`
-    mid, states = run_ranks(make(mb=1, dp=1, workers=0), dp=1, steps=37)
+    # and again from a cursor that is no multiple of the new step size, in the second epoch
+    mid, states = run_ranks(make(mb=1, dp=1, workers=0), dp=1, steps=77)
+    assert states[0]["sources"][0]["epoch"] == 1
     after, _ = run_ranks(make(mb=2, dp=2, workers=2), dp=2, steps=5, state=states[0])
-    assert_same_rows(mid + after, ref[:57])
+    assert_same_rows(mid + after, ref[:97])
 
 
 def test_state_counts_rows_consumed_not_rows_prefetched(shards):

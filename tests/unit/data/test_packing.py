@@ -67,7 +67,8 @@ def test_windows_with_carry_place_every_token_once(seed):
     carry, rows = [], []
     for w in range(0, 120, 16):  # a stream of windows: the last one flushes its open row
         last = w + 16 >= 120
-        result = pack_rows(range(w, min(w + 16, 120)), lengths, spans.__getitem__, seq_len, carry=carry, keep_open=not last)
+        result = pack_rows(range(w, min(w + 16, 120)), lengths, spans.__getitem__, seq_len, carry=carry,
+                           keep_open=not last)
         assert sum(p.length for p in result.carry) <= seq_len
         assert all(sum(p.length for p in row) <= seq_len for row in result.rows)
         rows += result.rows

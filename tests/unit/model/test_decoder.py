@@ -121,8 +121,8 @@ def test_init_and_helpers():
 
 def test_unsupported_settings_name_the_config_field():
     with pytest.raises(ValueError, match="model.attn_impl"):
-        build_attention_core(tiny_cfg(attn_impl="flex"))
+        build_attention_core(tiny_cfg(attn_impl="bogus"))
     with pytest.raises(ValueError, match="model.recompute"):
-        apply_recompute(make_model(), "selective")
+        apply_recompute(make_model(), "bogus")
     with pytest.raises(ConfigError, match="model.num_kv_heads"):
         Emu3CausalLM(tiny_cfg(num_kv_heads=3), VOCAB)
