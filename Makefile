@@ -4,7 +4,9 @@
 # On a cluster:
 #   make pretrain-stage1 MODEL=emu3_8b DATA=/path/to/shards EXTRA="trainer.max_steps=1000"
 #   make pretrain-stage2 MODEL=emu3_8b DATA=/path/to/long/shards INIT=runs/stage1/ckpt/latest
-#   make pretrain-stage1 NPROC=8 EXTRA="parallel.cp=2"      (torchrun on this node; launch/ for more)
+#   make pretrain-stage1 GPUS_PER_NODE=8 EXTRA="parallel.cp=2"        (torchrun on this node)
+#   make pretrain-stage1 NNODES=2 GPUS_PER_NODE=8 NODE_RANK=0 MASTER_ADDR=node0 MODEL=emu3_8b DATA=...
+#                                 (the same on every node, NODE_RANK=0..NNODES-1; slurm: launch/slurm.sbatch)
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -16,8 +18,18 @@ DATA ?= demo
 INIT ?=
 EXTRA ?=
 DEMO_DIR ?= data/demo
+# One process: plain python. More (GPUS_PER_NODE per node x NNODES): launch/torchrun.sh, which reads
+# NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (from here or the environment). NPROC: old name.
+NNODES ?= 1
 NPROC ?= 1
-LAUNCH := $(if $(filter 1,$(NPROC)),$(PY) -m emu3_train.train,launch/torchrun.sh $(NPROC))
+GPUS_PER_NODE ?= $(NPROC)
+NODE_RANK ?=
+MASTER_ADDR ?=
+MASTER_PORT ?=
+TORCHRUN_ENV := $(strip NNODES=$(NNODES) $(if $(NODE_RANK),NODE_RANK=$(NODE_RANK)) \
+	$(if $(MASTER_ADDR),MASTER_ADDR=$(MASTER_ADDR)) $(if $(MASTER_PORT),MASTER_PORT=$(MASTER_PORT)))
+LAUNCH := $(if $(and $(filter 1,$(NNODES)),$(filter 1,$(GPUS_PER_NODE))),$(PY) -m emu3_train.train,\
+	$(TORCHRUN_ENV) PY=$(PY) launch/torchrun.sh $(GPUS_PER_NODE))
 
 # Every pip call (build isolation included) is pinned to the CPU/CUDA torch we chose.
 export PIP_CONSTRAINT := $(abspath constraints.txt)
@@ -65,6 +77,7 @@ bench: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/shellcheck launch/torchrun.sh launch/slurm.sbatch
 
 clean:
 	rm -rf runs outputs multirun build *.egg-info .pytest_cache .ruff_cache

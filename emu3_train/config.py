@@ -37,7 +37,8 @@ class ModelConfig:
     attention_dropout: float = 0.0  # dropout on attention probabilities (Emu3 uses 0.1)
     init_std: float = 0.02  # std of the normal init of every linear and embedding weight
     # attention kernel: sdpa (everywhere, reference) | flex (CUDA) | varlen (CUDA, bf16) | auto (fastest
-    # that runs); flex and varlen have no attention dropout and apply only at parallel.cp=1
+    # that runs); flex and varlen have no attention dropout; under parallel.cp>1 flex and auto pick the
+    # allgather CP core's kernel (varlen has no CP core)
     attn_impl: str = "sdpa"
     recompute: str = "none"  # activation recompute per block: none | full | selective
 
@@ -58,6 +59,8 @@ class DataConfig:
     shard_group: int = 0  # shards whose documents are shuffled together per epoch; 0 = all shards
     prefetch: int = 2  # micro-batches read ahead per rank when num_workers > 0
     on_bad_sample: str = "error"  # a sample failing its read checks: error (name shard, key) | skip (count)
+    # document tasks to train on (t2i, i2t, text, video); [] = all. Stage 1 leaves video out.
+    tasks: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -99,6 +102,8 @@ class TrainerConfig:
     threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
     max_bad_steps: int = 5  # consecutive non-finite steps before training halts
     spike_factor: float = 0.0  # log a warning when loss > spike_factor x running mean; 0 = off
+    sample_interval: int = 0  # steps between in-run samples (sample.*: images + a caption); 0 = off
+    peak_tflops: float = 0.0  # per-GPU peak for perf/mfu; 0 = from the GPU's name (emu3_train.flops)
     # test hook for the fault tests: nan_loss@STEP | sigkill_in_save@STEP | raise@STEP:RANK | hang@STEP:RANK
     fault: str | None = None
 
@@ -107,8 +112,9 @@ class TrainerConfig:
 class CheckpointConfig:
     dir: str | None = None  # null = <run_dir>/ckpt
     interval: int = 0  # steps between checkpoints; 0 = only at the end
-    init_from: str | None = None  # load weights only from this checkpoint (stage transitions)
+    init_from: str | None = None  # start from these weights (stage transitions); ignored when resuming
     resume: str | None = None  # latest | PATH: continue a run (model, optimizer, schedule, data, RNG)
+    init_required: bool = False  # the recipe continues an earlier stage: refuse to start without init_from
     async_save: bool = True  # write shards in the background; the next save waits for this one
     keep_last: int = 3  # keep the newest K checkpoints (0 = keep all) ...
     keep_every: int = 0  # ... plus every checkpoint whose step is a multiple of M (0 = none)
@@ -121,6 +127,22 @@ class EvalConfig:
     samples_per_class: int = 10  # generated images per prompted class
     temperature: float = 0.8  # sampling temperature for generation
     top_k: int = 0  # 0 = no top-k filtering
+
+
+@dataclass
+class SampleConfig:
+    """In-run samples every ``trainer.sample_interval`` steps (``samples/images``, ``samples/caption``)."""
+
+    # text-to-image prompts, one grid row each; [] = "a photo of ..." defaults (emu3_train.samples)
+    prompts: list[str] = field(default_factory=list)
+    per_prompt: int = 4  # images generated per prompt
+    height: int = 0  # code rows of a generated image; 0 = those of the captioned data image
+    width: int = 0  # code columns; 0 = as the captioned data image
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = no top-k filtering
+    seed: int = 0  # sampling seed: the same prompts give comparable images across steps
+    vq_path: str | None = None  # Emu3VQVAE folder to decode codes to pixels; null = codes as gray levels
+    max_caption_tokens: int = 40  # length cap of the caption generated for the fixed image
 
 
 @dataclass
@@ -142,6 +164,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -180,8 +203,10 @@ def _get(cfg, dotted: str):
     return obj
 
 
-def _check_gpu_attention(impl: str, dropout: float, cp: int, device: str, precision: str) -> None:
-    """flex and varlen train only on CUDA, without attention dropout, at cp=1 (varlen: bf16)."""
+def _check_gpu_attention(impl: str, dropout: float, cp: int, cp_impl: str, device: str,
+                         precision: str) -> None:
+    """flex and varlen train only on CUDA, without attention dropout (varlen: bf16, and not under CP;
+    flex under CP only with the allgather core)."""
     if device == "cpu":
         why = "FlexAttention has no CPU backward" if impl == "flex" else "varlen_attn is CUDA-only"
         raise ConfigError(f"model.attn_impl={impl} cannot train with trainer.device=cpu ({why}); "
@@ -189,9 +214,10 @@ def _check_gpu_attention(impl: str, dropout: float, cp: int, device: str, precis
     if dropout:
         raise ConfigError(f"model.attn_impl={impl} has no attention dropout, but model.attention_dropout="
                           f"{dropout}; use sdpa or auto")
-    if cp > 1:
-        raise ConfigError(f"model.attn_impl={impl} is not used under parallel.cp={cp}: context parallelism "
-                          "attends with its own parallel.cp_impl cores; use sdpa or auto")
+    if cp > 1 and (impl == "varlen" or cp_impl != "allgather"):
+        raise ConfigError(f"model.attn_impl={impl} has no context-parallel core with "
+                          f"parallel.cp_impl={cp_impl} (parallel.cp={cp}): flex needs parallel.cp_impl="
+                          "allgather, varlen has none; use sdpa or auto")
     if impl == "varlen" and precision != "bf16":
         raise ConfigError(f"model.attn_impl=varlen needs trainer.precision=bf16 (flash attention has no "
                           f"{precision}); use flex or auto")
@@ -223,6 +249,18 @@ def validate(cfg: TrainConfig, world_size: int = 1, vocab_size: int | None = Non
     for name, value in positive.items():
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
+    from emu3_train.data.format import TASKS
+
+    unknown = [task for task in d.tasks if task not in TASKS]
+    if unknown:
+        raise ConfigError(f"data.tasks has {unknown}; expected a subset of {list(TASKS)} ([] = all)")
+    sc = cfg.sample
+    if min(t.sample_interval, sc.height, sc.width) < 0 or min(sc.per_prompt, sc.max_caption_tokens) < 1:
+        raise ConfigError(f"trainer.sample_interval={t.sample_interval}, sample.height={sc.height} and "
+                          f"sample.width={sc.width} must be >= 0, sample.per_prompt={sc.per_prompt} and "
+                          f"sample.max_caption_tokens={sc.max_caption_tokens} >= 1")
+    if t.peak_tflops < 0:
+        raise ConfigError(f"trainer.peak_tflops must be >= 0, got {t.peak_tflops}")
     if d.num_workers < 0 or d.shard_group < 0 or d.prefetch < 1:
         raise ConfigError(f"data.num_workers={d.num_workers} and data.shard_group={d.shard_group} must be "
                           f">= 0 and data.prefetch={d.prefetch} >= 1")
@@ -250,7 +288,7 @@ def validate(cfg: TrainConfig, world_size: int = 1, vocab_size: int | None = Non
     if not 0.0 <= m.attention_dropout < 1.0:
         raise ConfigError(f"model.attention_dropout must be in [0, 1), got {m.attention_dropout}")
     if m.attn_impl in ("flex", "varlen"):
-        _check_gpu_attention(m.attn_impl, m.attention_dropout, p.cp, t.device, t.precision)
+        _check_gpu_attention(m.attn_impl, m.attention_dropout, p.cp, p.cp_impl, t.device, t.precision)
     if o.lr <= 0 or not 0.0 <= o.min_lr_ratio <= 1.0:
         raise ConfigError(f"optim.lr must be > 0 and optim.min_lr_ratio in [0, 1], got lr={o.lr}, "
                           f"min_lr_ratio={o.min_lr_ratio}")
@@ -260,9 +298,10 @@ def validate(cfg: TrainConfig, world_size: int = 1, vocab_size: int | None = Non
     if c.interval < 0 or c.keep_last < 0 or c.keep_every < 0:
         raise ConfigError("checkpoint.interval, checkpoint.keep_last and checkpoint.keep_every must be "
                           f">= 0, got {c.interval}, {c.keep_last}, {c.keep_every}")
-    if c.resume and c.init_from:
-        raise ConfigError("checkpoint.resume and checkpoint.init_from are exclusive: resume continues a "
-                          "run, init_from starts a new one from weights")
+    if c.init_required and not c.init_from:
+        raise ConfigError("checkpoint.init_from is required: this recipe continues an earlier stage "
+                          "(checkpoint.init_required=true); set checkpoint.init_from=RUN/ckpt/latest "
+                          "(make pretrain-stage2 INIT=...)")
     fault_pattern = r"(nan_loss|sigkill_in_save)@\d+|(raise|hang)@\d+:\d+"
     if t.fault is not None and not re.fullmatch(fault_pattern, t.fault):
         raise ConfigError(f"trainer.fault={t.fault!r}: expected nan_loss@STEP, sigkill_in_save@STEP, "

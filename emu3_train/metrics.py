@@ -1,17 +1,28 @@
 """Metrics: one console summary line per log interval, and wandb (offline by default).
 
-Keys follow DESIGN.md §4 (``train/loss``, ``perf/tokens_per_s``, ``data/fill``, ...). With
-``wandb.mode=offline`` (default) wandb writes to ``<run_dir>/wandb`` and opens no connection;
-``disabled`` logs to the console only; ``online`` syncs.
+Keys follow DESIGN.md §4 (``train/loss``, ``train/loss_text``, ``train/loss_vision``,
+``perf/tokens_per_s``, ``perf/tokens_per_s_per_gpu``, ``perf/mfu``, ``perf/mem_gb``, ``data/fill``,
+...). With ``wandb.mode=offline`` (default) wandb writes to ``<run_dir>/wandb`` and opens no
+connection; ``disabled`` logs to the console only; ``online`` syncs
+(the ``WANDB_MODE`` environment variable, e.g. ``WANDB_MODE=online``, overrides ``wandb.mode``).
+
+MFU counts model FLOPs (:mod:`emu3_train.flops`: 6·N_dense per token plus causal attention over
+the actual documents of each packed row) against the GPU's peak (``trainer.peak_tflops``, or the
+data-sheet value looked up from the device name). Each data-parallel replica's rows are computed by
+its cp·tp GPUs, so FLOPs per GPU = the replica's FLOPs / (cp·tp).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import resource
 from pathlib import Path
 
-from emu3_train.config import WandbConfig
+import torch
+
+from emu3_train.config import ModelConfig, WandbConfig
+from emu3_train.flops import peak_flops, step_flops
 
 
 def format_summary(step: int, max_steps: int, m: dict) -> str:
@@ -23,7 +34,53 @@ def format_summary(step: int, max_steps: int, m: dict) -> str:
     return (f"step {step}/{max_steps} | loss {f('train/loss', '.4f')} | text {f('train/loss_text', '.4f')}"
             f" | vision {f('train/loss_vision', '.4f')} | lr {f('train/lr', '.2e')}"
             f" | gnorm {f('train/grad_norm', '.2f')} | tok/s {f('perf/tokens_per_s', ',.0f')}"
-            f" | fill {f('data/fill', '.2f')}")
+            f" | mfu {f('perf/mfu', '.1%')} | mem {f('perf/mem_gb', '.1f')}GB | fill {f('data/fill', '.2f')}")
+
+
+def doc_lengths(batch: dict, pad_id: int) -> list[int]:
+    """Token counts of the document pieces of a packed batch (padding segments left out)."""
+    cu = batch["cu_seqlens"].tolist()
+    flat = batch["tokens"].reshape(-1)
+    starts = torch.as_tensor(cu[:-1], dtype=torch.long)
+    is_doc = (flat[starts] != pad_id).tolist() if len(starts) else []
+    return [b - a for a, b, keep in zip(cu[:-1], cu[1:], is_doc) if keep]
+
+
+class PerfMeter:
+    """Model FLOPs and peak memory over a log interval -> ``perf/tflops_per_gpu``, ``perf/mfu``,
+    ``perf/mem_gb`` (peak CUDA memory allocated in the interval, or the process's peak RSS on CPU)."""
+
+    def __init__(self, model: ModelConfig, vocab_size: int, gpus_per_replica: int, device: torch.device,
+                 precision: str, peak_tflops: float = 0.0):
+        self.model, self.vocab_size, self.gpus = model, vocab_size, gpus_per_replica
+        self.device = device
+        if peak_tflops:
+            self.peak = peak_tflops * 1e12
+        elif device.type == "cuda":
+            self.peak = peak_flops(torch.cuda.get_device_name(device), precision)
+        else:
+            self.peak = None  # no data-sheet peak for a CPU: set trainer.peak_tflops to get an MFU
+        self.flops = 0.0
+
+    def add(self, batches: list[dict], pad_id: int) -> None:
+        """Count one step's micro-batches (this replica's rows, before any CP sharding)."""
+        for b in batches:
+            self.flops += step_flops(self.model, self.vocab_size, doc_lengths(b, pad_id))
+
+    def summarize(self, seconds: float) -> dict:
+        per_gpu = self.flops / self.gpus / max(seconds, 1e-9)
+        out = {"perf/tflops_per_gpu": per_gpu / 1e12,
+               "perf/mfu": per_gpu / self.peak if self.peak else float("nan"),
+               "perf/mem_gb": self._memory_gb()}
+        self.flops = 0.0
+        return out
+
+    def _memory_gb(self) -> float:
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return peak / 1e9
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
 
 
 class MetricLogger:
@@ -31,13 +88,14 @@ class MetricLogger:
 
     def __init__(self, cfg: WandbConfig, run_dir: Path, run_name: str, config: dict, enabled: bool):
         self.run = None
-        if not enabled or cfg.mode == "disabled":
+        mode = os.environ.get("WANDB_MODE") or cfg.mode  # the environment wins, as wandb users expect
+        if not enabled or mode == "disabled":
             return
         os.environ.setdefault("WANDB_SILENT", "true")
         import wandb
 
         self.run = wandb.init(project=cfg.project, entity=cfg.entity, name=run_name, dir=str(run_dir),
-                              mode=cfg.mode, config=config, reinit="finish_previous")
+                              mode=mode, config=config, reinit="finish_previous")
 
     def log(self, metrics: dict, step: int) -> None:
         if self.run is not None:

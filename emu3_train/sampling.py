@@ -5,7 +5,12 @@ samples w visual codes (logits restricted to the codebook) and the sampler write
 row, EOF and EOV after the grid, so the layout is always exactly the known grid. Captioning
 (image -> text) decodes greedily over text ids and EOS.
 
-No KV cache yet: each step re-runs the prompt (fine for the demo's ~110-token documents).
+No KV cache yet: each step re-runs the prompt (fine for the demo's ~110-token documents and
+for in-run samples of small code grids; slow for full-size Emu3 images).
+
+``sync``: an optional ``tensor -> tensor`` applied to every sampled token batch (the trainer
+broadcasts rank 0's choice, so ranks sampling in lockstep on a sharded model never diverge);
+``length_multiple``: inputs are left-padded to a multiple of it (tp, for sequence parallelism).
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ from emu3_train.layout import vision_block
 from emu3_train.vocab import Vocab
 
 
-def _last_logits(model, seqs: Sequence[Sequence[int]], device) -> torch.Tensor:
-    """Logits ``[n, V]`` (fp32) at the last position of each sequence (left-padded, own segment)."""
-    n, length = len(seqs), max(len(s) for s in seqs)
+def _last_logits(model, seqs: Sequence[Sequence[int]], device, multiple: int = 1) -> torch.Tensor:
+    """Logits ``[n, V]`` (fp32) at the last position of each sequence (left-padded, own segment,
+    to a length that is a multiple of ``multiple``: sequence parallelism shards it tp ways)."""
+    n, length = len(seqs), -(-max(len(s) for s in seqs) // multiple) * multiple
     tokens = torch.zeros(n, length, dtype=torch.long)
     positions = torch.zeros(n, length, dtype=torch.long)
     bounds = [0]
@@ -51,7 +57,8 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int, generator) -> 
 @torch.no_grad()
 def generate_images(model, vocab: Vocab, encode: Callable[[str], list[int]], captions: Sequence[str],
                     height: int, width: int, *, temperature: float = 1.0, top_k: int = 0,
-                    seed: int = 0, device="cpu") -> torch.Tensor:
+                    seed: int = 0, device="cpu", sync: Callable | None = None,
+                    length_multiple: int = 1) -> torch.Tensor:
     """Visual codes ``[n, height, width]`` generated for each caption (text -> image)."""
     was_training = model.training
     model.eval()
@@ -61,8 +68,10 @@ def generate_images(model, vocab: Vocab, encode: Callable[[str], list[int]], cap
     lo, hi = vocab.vision_start, vocab.vision_start + vocab.codebook_size
     for r in range(height):
         for c in range(width):
-            logits = _last_logits(model, seqs, device)[:, lo:hi]
+            logits = _last_logits(model, seqs, device, length_multiple)[:, lo:hi]
             code = _sample(logits, temperature, top_k, generator).cpu()
+            if sync is not None:
+                code = sync(code)
             codes[:, r, c] = code
             for s, k in zip(seqs, code.tolist()):
                 s.append(lo + k)
@@ -74,7 +83,8 @@ def generate_images(model, vocab: Vocab, encode: Callable[[str], list[int]], cap
 
 @torch.no_grad()
 def caption_images(model, vocab: Vocab, encode: Callable[[str], list[int]], images: torch.Tensor,
-                   *, max_new_tokens: int = 40, device="cpu") -> list[list[int]]:
+                   *, max_new_tokens: int = 40, device="cpu",
+                   sync: Callable | None = None, length_multiple: int = 1) -> list[list[int]]:
     """Greedy captions (text ids, EOS excluded) of images ``[n, h, w]`` of visual codes."""
     was_training = model.training
     model.eval()
@@ -85,8 +95,9 @@ def caption_images(model, vocab: Vocab, encode: Callable[[str], list[int]], imag
     allowed[: vocab.text_size] = 0
     allowed[vocab.eos] = 0
     for _ in range(max_new_tokens):
-        logits = _last_logits(model, seqs, device)[:, : vocab.size] + allowed
-        nxt = logits.argmax(-1).tolist()
+        logits = _last_logits(model, seqs, device, length_multiple)[:, : vocab.size] + allowed
+        nxt = logits.argmax(-1).cpu()
+        nxt = (sync(nxt) if sync is not None else nxt).tolist()
         for i, t in enumerate(nxt):
             if not done[i]:
                 if t == vocab.eos:

@@ -27,12 +27,13 @@ from emu3_train.data.blend import open_blend
 from emu3_train.data.index import ShardError
 from emu3_train.data.loader import PackedLoader
 from emu3_train.data.stream import ShardSet
-from emu3_train.metrics import MetricLogger, format_summary
+from emu3_train.metrics import MetricLogger, PerfMeter, format_summary
 from emu3_train.model.decoder import Emu3CausalLM
 from emu3_train.optim import build_optimizer, build_scheduler
 from emu3_train.parallel.dims import ParallelDims
 from emu3_train.parallel.mesh import build_mesh, init_distributed, named_collective
 from emu3_train.parallel.parallelize import parallelize
+from emu3_train.samples import InRunSampler
 from emu3_train.step import StepContext, clip_grad_norm, forward_backward
 from emu3_train.vocab import get_vocab
 
@@ -67,6 +68,7 @@ class Trainer:
         if cfg.eval.task == "digits":
             ShardSet(cfg.eval.path, self.vocab)  # fail now, not after training
         self.device = pick_device(cfg.trainer.device)
+        self.sampler = self._build_sampler(sources[0])
         if cfg.trainer.threads:
             torch.set_num_threads(cfg.trainer.threads)
         self.rank, _ = init_distributed(self.device.type, cfg.parallel.timeout_s)
@@ -77,10 +79,15 @@ class Trainer:
 
         self.vocab_size = cfg.model.vocab_size or self.vocab.size
         self.model = Emu3CausalLM(cfg.model, self.vocab_size).to(self.device)
-        if cfg.checkpoint.init_from:
+        self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "ckpt")
+        resuming = bool(cfg.checkpoint.resume) and (cfg.checkpoint.resume != "latest"
+                                                    or (self.ckpt_dir / "latest").is_file())
+        if cfg.checkpoint.init_from and not resuming:  # a requeued job resumes instead
             load_weights(cfg.checkpoint.init_from, self.model)
         parallelize(self.model, self.dims, self.mesh, cfg)
         self.step_ctx = self._step_context()
+        self.perf = PerfMeter(cfg.model, self.vocab_size, self.dims.cp * self.dims.tp, self.device,
+                              cfg.trainer.precision, cfg.trainer.peak_tflops)
         torch.manual_seed(cfg.trainer.seed + 1 + self.rank)  # per-rank dropout streams
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
@@ -90,8 +97,7 @@ class Trainer:
             seed=cfg.data.seed, vision_weight=cfg.loss.vision_weight,
             pack_window=cfg.data.pack_window, oversize_policy=cfg.data.oversize_policy,
             weights=weights, shard_group=cfg.data.shard_group, num_workers=cfg.data.num_workers,
-            prefetch=cfg.data.prefetch, on_bad_sample=cfg.data.on_bad_sample)
-        self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "ckpt")
+            prefetch=cfg.data.prefetch, on_bad_sample=cfg.data.on_bad_sample, tasks=cfg.data.tasks)
         self.checkpoints = CheckpointManager(
             self.ckpt_dir, async_save=cfg.checkpoint.async_save, keep_last=cfg.checkpoint.keep_last,
             keep_every=cfg.checkpoint.keep_every, is_rank0=self.is_rank0)
@@ -107,6 +113,35 @@ class Trainer:
                   f"device {self.device}, dp {self.dp} x cp {self.dims.cp} x tp {self.dims.tp}; "
                   f"{self.dp} x {self.accum} x {cfg.data.micro_batch_size} rows of {cfg.data.seq_len} "
                   "tokens per step", flush=True)
+
+    def _build_sampler(self, source) -> InRunSampler | None:
+        if not self.cfg.trainer.sample_interval:
+            return None
+        if self.dims.cp > 1:
+            if self.is_rank0:
+                print(f"trainer.sample_interval: no in-run samples under parallel.cp={self.dims.cp} (the CP "
+                      "attention cores need sharded rows); sample from an exported checkpoint", flush=True)
+            return None
+        return InRunSampler(self.cfg.sample, self.vocab, source, self.run_dir, self.device)
+
+    def sample(self) -> dict:
+        """One round of in-run samples (every rank takes part; rank 0 writes and logs them)."""
+        sync = None
+        if self.world_size > 1:
+            def sync(t: torch.Tensor) -> torch.Tensor:
+                t = t.to(self.device)
+                named_collective("broadcast(sampled tokens)", torch.distributed.broadcast, t, src=0)
+                return t.cpu()
+        result = self.sampler(self.model, self.step, sync=sync, write=self.is_rank0,
+                              length_multiple=self.dims.tp)
+        if self.is_rank0:
+            log = self.logger.log_image
+            log("samples/images", result["images"], " | ".join(result["prompts"]), self.step)
+            if "caption" in result:
+                log("samples/caption", result["caption_image"], result["caption"], self.step)
+                tqdm.write(f"step {self.step}: samples {result['images']}; the fixed image is captioned "
+                           f"{result['caption']!r}")
+        return result
 
     def _step_context(self) -> StepContext:
         cfg = self.cfg
@@ -154,6 +189,7 @@ class Trainer:
         if self._fault("raise") or self._fault("hang"):
             self._inject_rank_fault()
         out = forward_backward(self.model, batches, self.step_ctx)
+        self.perf.add(batches, self.vocab.pad)
         grad_norm = clip_grad_norm(self.model, cfg.optim.grad_clip)
         finite = math.isfinite(out["loss"]) and math.isfinite(grad_norm)
         if finite:
@@ -177,7 +213,8 @@ class Trainer:
     def fit(self) -> dict:
         cfg = self.cfg
         bar = tqdm(total=cfg.trainer.max_steps, initial=self.step, disable=not self.is_rank0,
-                   desc="train", unit="step", mininterval=1.0, dynamic_ncols=True)
+                   desc="train", unit="step", dynamic_ncols=True,
+                   mininterval=1.0 if sys.stderr.isatty() else 60.0)  # log files: a line a minute
         window: list[dict] = []
         t_window = time.perf_counter()
         last = {}
@@ -204,6 +241,10 @@ class Trainer:
                     window, t_window = [], time.perf_counter()
                 if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
                     self.save()
+                if self.sampler is not None and self.step % cfg.trainer.sample_interval == 0:
+                    t0 = time.perf_counter()
+                    self.sample()
+                    t_window += time.perf_counter() - t0  # sampling time is not training throughput
         finally:
             bar.close()  # so an error message starts on its own line
             signal.signal(signal.SIGTERM, previous)
@@ -249,6 +290,7 @@ class Trainer:
             "data/docs_per_row": sum(m["docs"] for m in window) / max(1, sum(m["rows"] for m in window)),
             "data/skipped": self._skipped_docs(),
             "train/tokens_seen": float(self.tokens_seen * self.dp),
+            **self.perf.summarize(seconds),
         })
         return out
 

@@ -53,7 +53,9 @@ from emu3_train.data.plan import RowStream, Seed
 from emu3_train.data.stream import BAD_SAMPLE_POLICIES, ShardSet
 
 STATE_VERSION = 2
-_PLAN_FIELDS = ("seed", "seq_len", "pack_window", "oversize_policy", "shard_group", "weights", "num_docs")
+_PLAN_FIELDS = ("seed", "seq_len", "pack_window", "oversize_policy", "shard_group", "weights", "num_docs",
+                "tasks")
+_PLAN_DEFAULTS = {"tasks": []}  # fields older states lack
 log = logging.getLogger(__name__)
 
 
@@ -81,7 +83,7 @@ class PackedLoader:
                  dp_rank: int = 0, dp_size: int = 1, seed: int = 0, vision_weight: float = 0.5,
                  pack_window: int = 256, oversize_policy: str = "skip", *,
                  weights: Sequence[float] | None = None, shard_group: int = 0, num_workers: int = 0,
-                 prefetch: int = 2, on_bad_sample: str = "error"):
+                 prefetch: int = 2, on_bad_sample: str = "error", tasks: Sequence[str] = ()):
         for name, value in (("seq_len", seq_len), ("micro_batch_size", micro_batch_size),
                             ("dp_size", dp_size), ("pack_window", pack_window), ("prefetch", prefetch)):
             if not isinstance(value, (int, np.integer)) or value <= 0:
@@ -108,9 +110,9 @@ class PackedLoader:
         self.dp_rank, self.dp_size, self.seed = int(dp_rank), int(dp_size), int(seed)
         self.vision_weight, self.pack_window = float(vision_weight), int(pack_window)
         self.oversize_policy, self.on_bad_sample = oversize_policy, on_bad_sample
-        self.weights, self.shard_group = weights, int(shard_group)
+        self.weights, self.shard_group, self.tasks = weights, int(shard_group), sorted(tasks)
         self.stream = RowStream(self.sources, weights, self.seed, self.seq_len, self.pack_window,
-                                oversize_policy, self.shard_group)
+                                oversize_policy, self.shard_group, tasks)
         self.cursor = 0
         self.prefetch = int(prefetch)
         self._executor = ThreadPoolExecutor(int(num_workers), thread_name_prefix="emu3-data") \
@@ -230,7 +232,8 @@ class PackedLoader:
     def _plan_fields(self) -> dict:
         return {"seed": self.seed, "seq_len": self.seq_len, "pack_window": self.pack_window,
                 "oversize_policy": self.oversize_policy, "shard_group": self.shard_group,
-                "weights": list(self.weights), "num_docs": [len(s.lengths) for s in self.sources]}
+                "weights": list(self.weights), "num_docs": [len(s.lengths) for s in self.sources],
+                "tasks": list(self.tasks)}
 
     def state_dict(self) -> dict:
         """JSON-serializable position in the global row sequence (module docstring)."""
@@ -245,7 +248,7 @@ class PackedLoader:
             raise ValueError(f"loader state version {version!r}{hint}; expected {STATE_VERSION}")
         mine = self._plan_fields()
         for name in _PLAN_FIELDS:
-            theirs = state.get(name)
+            theirs = state.get(name, _PLAN_DEFAULTS.get(name))
             if theirs != mine[name]:
                 raise ValueError(f"loader state was saved with {name}={theirs!r} but this loader "
                                  f"has {name}={mine[name]!r}; the row stream would differ")

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from emu3_train.data.blend import TokenBlend
+from emu3_train.data.format import TASKS
 from emu3_train.data.index import ShardError
 from emu3_train.data.packing import OVERSIZE_POLICIES, Piece, pack_rows
 
@@ -123,7 +124,7 @@ class RowStream:
     """
 
     def __init__(self, sources: Sequence, weights: Sequence[float], seed: int, seq_len: int, pack_window: int,
-                 oversize_policy: str = "skip", shard_group: int = 0):
+                 oversize_policy: str = "skip", shard_group: int = 0, tasks: Sequence[str] = ()):
         if oversize_policy not in OVERSIZE_POLICIES:
             raise ValueError(f"oversize_policy is {oversize_policy!r}; expected one of "
                              f"{list(OVERSIZE_POLICIES)}")
@@ -148,11 +149,31 @@ class RowStream:
             if len(oversize) == len(src.lengths):
                 raise ValueError(f"every document in {src.path} has a vision block longer than seq_len "
                                  f"{self.seq_len}; nothing to train on")
+        self.excluded = self._exclude(tasks)
         self.counts = {"skipped": 0, "split": 0}
         self._counted_to = -1  # highest window whose drops and cuts were recorded
         self._uncounted: deque[tuple[int, int, int]] = deque()  # (first row, dropped, cuts) per window
         self._orders: OrderedDict[tuple[int, int], _EpochOrder] = OrderedDict()
         self.restart(self.origin())
+
+    def _exclude(self, tasks: Sequence[str]) -> np.ndarray:
+        """bool ``[D]``: documents whose task is not in ``tasks`` (``[]`` = keep all), never drawn."""
+        if not tasks:
+            return np.zeros(len(self.lengths), bool)
+        unknown = sorted(set(tasks) - set(TASKS))
+        if unknown:
+            raise ValueError(f"tasks {unknown} are not among {list(TASKS)}")
+        keep = [TASKS.index(t) for t in tasks]
+        parts = []
+        for src in self.sources:
+            codes = getattr(src, "tasks", None)
+            if codes is None:
+                raise ValueError(f"{src.path} has no task codes to filter by tasks={list(tasks)}")
+            drop = ~np.isin(codes, keep)
+            if drop.all():
+                raise ValueError(f"no document of {src.path} has a task in {list(tasks)}; nothing to train on")
+            parts.append(drop)
+        return np.concatenate(parts)
 
     # -- documents ------------------------------------------------------------------------------
     def locate(self, doc_id: int) -> tuple[int, int]:
@@ -194,6 +215,9 @@ class RowStream:
             pos += 1
             if pos == len(order):
                 epoch, pos = epoch + 1, 0
+            if self.excluded[d]:  # a task this stream leaves out (not counted as skipped)
+                state[s] = [epoch, pos, tokens]
+                continue
             if self.max_block[d] > self.seq_len:  # policy error was raised at construction
                 state[s] = [epoch, pos, tokens]
                 dropped += 1

@@ -10,8 +10,9 @@ The attention module owns the projections and RoPE; the *core* computes
 - ``auto``: :class:`AutoCore`, per call the fastest that runs (:func:`choose_attn_impl`).
 
 flex and varlen have no attention dropout. Context parallelism replaces ``Attention.core`` with its
-own cores (same interface), so this module never imports anything parallel and ``attn_impl``
-matters only at ``parallel.cp=1``:
+own cores (same interface), so this module never imports anything parallel; under CP ``attn_impl``
+picks the CP core's kernel (sdpa -> chunked SDPA, flex -> flex, auto -> flex on CUDA without
+dropout; varlen has no CP core):
 
     core.forward(q [B, S, Hq, D], k [B, S, Hkv, D], v [B, S, Hkv, D], docs) -> [B, S, Hq, D]
 
@@ -94,6 +95,25 @@ class DocumentLayout:
         return self._segments
 
 
+def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                dropout: float) -> torch.Tensor:
+    """q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D], bool mask [B, 1, Sq, Sk] -> [B, Sq, Hq, D].
+
+    On CUDA, SDPA's fused kernel that takes a mask (memory-efficient) has no grouped-query
+    support, so ``enable_gqa`` with a mask falls back to the math kernel, which keeps
+    [B, Hq, Sq, Sk] probabilities per layer: there K/V are repeated to Hq heads instead (Hq/Hkv
+    times the K/V bytes, transient). Elsewhere (CPU) ``enable_gqa`` is used as is.
+    """
+    gqa = q.shape[2] != k.shape[2]
+    if gqa and q.is_cuda:
+        groups = q.shape[2] // k.shape[2]
+        k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
+        gqa = False
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
+    return out.transpose(1, 2)
+
+
 class SdpaCore(nn.Module):
     """Attention core on ``torch.nn.functional.scaled_dot_product_attention`` with a dense mask.
 
@@ -109,15 +129,7 @@ class SdpaCore(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: DocumentLayout
     ) -> torch.Tensor:
         """q [B, S, Hq, D], k/v [B, S, Hkv, D] (Hkv divides Hq) -> [B, S, Hq, D]."""
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            attn_mask=docs.causal_mask(),
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=q.shape[2] != k.shape[2],
-        )
-        return out.transpose(1, 2)
+        return masked_sdpa(q, k, v, docs.causal_mask(), self.dropout if self.training else 0.0)
 
     def extra_repr(self) -> str:
         return f"dropout={self.dropout}"

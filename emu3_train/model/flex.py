@@ -7,7 +7,7 @@ per process (``dynamic=False``: one graph per row length).
 
 Where it runs (torch 2.13): forward and backward on CUDA; forward only on CPU (compiled, no
 backward), so on CPU it serves inference and the parity tests, never training. It has no attention
-dropout. Under context parallelism the CP cores replace it (``parallel/context_parallel.py``).
+dropout. Under context parallelism the allgather CP core has its own flex path (``parallel/cp_attention.py``).
 """
 
 from __future__ import annotations

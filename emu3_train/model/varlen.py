@@ -2,7 +2,8 @@
 
 The [B, S] batch is flattened to B*S tokens and every document (and each row's padding) is one
 causal segment of ``cu_seqlens``; no mask exists at all. CUDA only, fp16/bf16 only, no attention
-dropout (the kernel's dropout is fixed at 0). Under context parallelism the CP cores replace it.
+dropout (the kernel's dropout is fixed at 0). Context parallelism has no varlen core (config
+validation says so).
 """
 
 from __future__ import annotations

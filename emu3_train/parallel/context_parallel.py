@@ -5,16 +5,19 @@ every rank holds as many early (cheap) as late (expensive) causal queries. Every
 attention is per token and runs on the shard unchanged; attention sees the whole row through one
 of two cores (``parallel.cp_impl``):
 
-- ``allgather``: each rank all-gathers K and V over the CP group (gradients reduce-scattered back)
-  and attends its local queries to every key, masked by document and by global token index.
+- ``allgather``: each rank all-gathers K and V over the CP group into row order (gradients
+  reduce-scattered back) and attends its local queries to the row, masked by document and by
+  global token index. ``model.attn_impl`` picks the kernel (``cp_attention.py``): ``sdpa``
+  chunked SDPA, ``flex`` a flex BlockMask over Q_LEN = S / cp, KV_LEN = S, ``auto`` flex on CUDA
+  without active dropout and chunked SDPA otherwise; ``varlen`` has no CP core.
 - ``ulysses``: DeepSpeed's ``DistributedAttention`` all-to-alls q/k/v from sequence shards to head
-  shards (every rank: the whole row, Hkv / cp KV heads), attends with the same mask, and
-  all-to-alls back. Needs the local KV heads divisible by cp.
+  shards (every rank: the whole row, Hkv / cp KV heads), attends with chunked SDPA in row order,
+  and all-to-alls back. Needs the local KV heads divisible by cp.
 
-Neither core reorders the gathered tokens into row order: the mask is built from the global index
-of every token, so the rank-major order of the gathered sequence is as good as any. The masks are
-dense booleans for SDPA — [B, S / cp, S] (allgather) and [B, S, S] (ulysses) — fine for tests and
-short rows; long rows need a varlen/flex core fed the same global indices.
+No core builds a dense [S / cp, S] (or [S, S]) mask: the layout keeps int64 global token indices
+and document ids ([B, S / cp] queries, [B, S] keys), the SDPA path builds one query chunk's mask at
+a time (a 64 MiB budget) and recomputes it in backward, so attention memory is O(chunk · S) plus
+the gathered K/V; flex derives a block-sparse mask from the same vectors.
 
     batch = shard_batch(batch, cp_rank=mesh["cp"].get_local_rank(), cp=dims.cp)
     apply_cp(model, mesh["cp"], cfg.parallel.cp_impl)                 # once, after TP
@@ -30,12 +33,22 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from emu3_train.model.attention import Attention
+from emu3_train.model.attention import ATTN_IMPLS, Attention, AutoCore, SdpaCore
 from emu3_train.model.decoder import Decoder, Emu3CausalLM
+from emu3_train.model.flex import BLOCK_SIZE, FlexCore
+from emu3_train.model.varlen import VarlenCore
+from emu3_train.parallel.cp_attention import (
+    AllGatherCore,
+    AutoAllGatherCore,
+    FlexAllGatherCore,
+    RowOrderAttention,
+    cp_block_mask,
+    plan_query_chunks,
+    rank_to_row_order,
+)
 
 CP_IMPLS = ("allgather", "ulysses")
 SEQUENCE_KEYS = ("tokens", "labels", "loss_weight", "position_ids")
@@ -88,60 +101,22 @@ def shard_batch(batch: dict, cp_rank: int, cp: int) -> dict:
 
 def unshard_sequence(shards: list[torch.Tensor], dim: int = 1) -> torch.Tensor:
     """Inverse of :func:`shard_batch` along ``dim``: the cp ranks' shards (rank order) -> row order."""
-    cp = len(shards)
-    halves = [piece for shard in shards for piece in shard.chunk(2, dim=dim)]
-    order = [None] * (2 * cp)
-    for r in range(cp):
-        first, second = cp_chunk_ids(r, cp)
-        order[first], order[second] = halves[2 * r], halves[2 * r + 1]
-    return torch.cat(order, dim=dim)
-
-
-def _gather_rows(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """[B, S_local, ...] on each rank -> [B, cp * S_local, ...], ranks concatenated in rank order."""
-    cp = dist.get_world_size(group)
-    out = x.new_empty((cp * x.shape[0], *x.shape[1:]))
-    dist.all_gather_single(out, x.contiguous(), group=group)
-    out = out.view(cp, *x.shape).movedim(0, 1)  # [B, cp, S_local, ...]
-    return out.reshape(x.shape[0], cp * x.shape[1], *x.shape[2:])
-
-
-class _GatherSequence(torch.autograd.Function):
-    """:func:`_gather_rows` whose backward reduce-scatters (sums) the gradient back to the shards."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.group, ctx.local_shape = group, x.shape
-        return _gather_rows(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        cp = dist.get_world_size(ctx.group)
-        b, s_local = ctx.local_shape[:2]
-        per_rank = grad.reshape(b, cp, s_local, *grad.shape[2:]).movedim(1, 0).contiguous()
-        out = grad.new_empty(ctx.local_shape)
-        dist.reduce_scatter_single(out, per_rank.view(cp * b, s_local, *grad.shape[2:]),
-                                   op=dist.ReduceOp.SUM, group=ctx.group)
-        return out, None
-
-
-def gather_sequence(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """Differentiable all-gather along the sequence: [B, S_local, ...] -> [B, cp * S_local, ...] in
-    CP rank order (use the gathered ``token_index`` to place each token)."""
-    return _GatherSequence.apply(x, group)
+    return rank_to_row_order(shards, dim=dim)
 
 
 class ContextParallelLayout:
     """The document layout of one CP rank's shard, with the whole row's keys.
 
     ``cu_seqlens`` is the full batch's (over the flattened global B*S tokens), ``position_ids`` and
-    ``token_index`` are the shard's [B, S_local]. ``key_index`` [B, cp * S_local] is every CP
-    rank's ``token_index`` in rank order — the order of K/V after the cores' gather or all-to-all.
-    A query may attend a key iff they share a document and the key's global index is not larger.
+    ``token_index`` are the shard's [B, S_local] (``token_index`` exactly as :func:`shard_batch`
+    makes it: asserted). The keys are the whole row in row order, the order of K/V after the
+    cores' gather. A query may attend a key iff they share a document and the key's global index
+    is not larger. Per-forward derived data (query chunk plans, flex BlockMasks) is cached here
+    and shared by every layer.
 
     Attributes:
         token_index, doc_ids: int64 [B, S_local] of the local tokens (queries).
-        key_index, key_doc_ids: int64 [B, cp * S_local] of the gathered tokens.
+        key_index, key_doc_ids: int64 [B, S] of the row's tokens in row order (keys).
     """
 
     def __init__(self, cu_seqlens: torch.Tensor, position_ids: torch.Tensor,
@@ -152,42 +127,52 @@ class ContextParallelLayout:
         if token_index.shape != position_ids.shape or position_ids.dim() != 2:
             raise ValueError(f"token_index {tuple(token_index.shape)} and position_ids "
                              f"{tuple(position_ids.shape)} must have the same [B, S_local] shape")
-        cp = dist.get_world_size(group)
+        cp, rank = dist.get_world_size(group), dist.get_rank(group)
         batch, local = position_ids.shape
-        torch._assert_async(cu_seqlens[-1] == batch * local * cp,
+        seq, device = cp * local, position_ids.device
+        torch._assert_async(cu_seqlens[-1] == batch * seq,
                             "cu_seqlens must end at B * S_local * cp: is the batch sharded?")
-        bounds = cu_seqlens[1:].to(torch.int64)
         self.cu_seqlens = cu_seqlens
         self.position_ids = position_ids
+        self._row_start = torch.arange(batch, device=device)[:, None] * seq
         self.token_index = token_index.to(torch.int64)
+        torch._assert_async((self.token_index == self._row_start + cp_positions(seq, rank, cp, device)).all(),
+                            f"token_index is not shard_batch's for CP rank {rank} of {cp}")
+        bounds = cu_seqlens[1:].to(torch.int64)
+        self._doc_starts = cu_seqlens[:-1].to(torch.int64)
         self.doc_ids = torch.searchsorted(bounds, self.token_index, right=True)
-        self.key_index = _gather_rows(self.token_index, group)
+        self.key_index = self._row_start + torch.arange(seq, device=device)
         self.key_doc_ids = torch.searchsorted(bounds, self.key_index, right=True)
-        self._local_mask: torch.Tensor | None = None
-        self._gathered_mask: torch.Tensor | None = None
+        self._chunks: dict = {}
+        self._block_masks: dict = {}
 
     @property
     def shape(self) -> tuple[int, int]:
         """(B, S_local) of the shard."""
         return tuple(self.doc_ids.shape)
 
-    @staticmethod
-    def _mask(q_index, q_docs, k_index, k_docs) -> torch.Tensor:
-        same_doc = q_docs[:, :, None] == k_docs[:, None, :]
-        return (same_doc & (k_index[:, None, :] <= q_index[:, :, None])).unsqueeze(1)
+    def _plan(self, index: torch.Tensor, docs: torch.Tensor, chunk_size: int):
+        first = (self._doc_starts[docs] - self._row_start).clamp_min(0)  # a row end ends a document
+        return plan_query_chunks(index - self._row_start, first, chunk_size)
 
-    def local_mask(self) -> torch.Tensor:
-        """bool [B, 1, S_local, cp * S_local]: local queries x gathered keys (cached)."""
-        if self._local_mask is None:
-            self._local_mask = self._mask(self.token_index, self.doc_ids, self.key_index, self.key_doc_ids)
-        return self._local_mask
+    def query_chunks(self, chunk_size: int):
+        """``plan_query_chunks`` of the local queries against the row's keys (cached)."""
+        if ("local", chunk_size) not in self._chunks:
+            self._chunks["local", chunk_size] = self._plan(self.token_index, self.doc_ids, chunk_size)
+        return self._chunks["local", chunk_size]
 
-    def gathered_mask(self) -> torch.Tensor:
-        """bool [B, 1, cp * S_local, cp * S_local]: gathered queries x gathered keys (cached)."""
-        if self._gathered_mask is None:
-            keys = (self.key_index, self.key_doc_ids)
-            self._gathered_mask = self._mask(*keys, *keys)
-        return self._gathered_mask
+    def row_chunks(self, chunk_size: int):
+        """``plan_query_chunks`` of the row's tokens as queries (Ulysses), cached."""
+        if ("row", chunk_size) not in self._chunks:
+            self._chunks["row", chunk_size] = self._plan(self.key_index, self.key_doc_ids, chunk_size)
+        return self._chunks["row", chunk_size]
+
+    def block_mask(self, block_size: int):
+        """The flex BlockMask of local queries x row keys, ``block_size``-token blocks (cached)."""
+        if block_size not in self._block_masks:
+            self._block_masks[block_size] = cp_block_mask(self.token_index, self.doc_ids, self.key_index,
+                                                          self.key_doc_ids, block_size)
+        return self._block_masks[block_size]
 
     def causal_mask(self) -> torch.Tensor:
         raise TypeError("a context-parallel shard needs a context-parallel attention core: "
@@ -202,45 +187,6 @@ class ContextParallelLayoutBuilder:
 
     def __call__(self, cu_seqlens, position_ids, token_index=None) -> ContextParallelLayout:
         return ContextParallelLayout(cu_seqlens, position_ids, token_index, self.group)
-
-
-def _masked_sdpa(q, k, v, mask, dropout: float) -> torch.Tensor:
-    """q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D], mask [B, 1, Sq, Sk] -> [B, Sq, Hq, D]."""
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-        dropout_p=dropout, enable_gqa=q.shape[2] != k.shape[2])
-    return out.transpose(1, 2)
-
-
-class AllGatherCore(nn.Module):
-    """CP attention core: all-gather K/V over the CP group, attend local queries to all keys.
-
-    q [B, S_local, Hq, D], k/v [B, S_local, Hkv, D], docs :class:`ContextParallelLayout`
-    -> [B, S_local, Hq, D]. Memory per layer: the gathered K/V, [B, cp * S_local, Hkv, D] each.
-    """
-
-    def __init__(self, group: dist.ProcessGroup, dropout: float = 0.0):
-        super().__init__()
-        self.group = group
-        self.dropout = dropout
-
-    def forward(self, q, k, v, docs: ContextParallelLayout) -> torch.Tensor:
-        k_all, v_all = gather_sequence(k, self.group), gather_sequence(v, self.group)
-        return _masked_sdpa(q, k_all, v_all, docs.local_mask(), self.dropout if self.training else 0.0)
-
-    def extra_repr(self) -> str:
-        return f"cp={dist.get_world_size(self.group)}, dropout={self.dropout}"
-
-
-class _GatheredSdpa(nn.Module):
-    """Ulysses' local attention: the whole row in CP rank order, a head shard, the gathered mask."""
-
-    def __init__(self, dropout: float):
-        super().__init__()
-        self.dropout = dropout
-
-    def forward(self, q, k, v, docs: ContextParallelLayout) -> torch.Tensor:
-        return _masked_sdpa(q, k, v, docs.gathered_mask(), self.dropout if self.training else 0.0)
 
 
 def _init_deepspeed_comm() -> None:
@@ -269,19 +215,21 @@ def _init_deepspeed_comm() -> None:
 class UlyssesCore(nn.Module):
     """CP attention core on DeepSpeed's ``DistributedAttention`` (Ulysses all-to-all).
 
-    Same interface as :class:`AllGatherCore`. DeepSpeed 0.19.8 takes batch-first [B, S, H, D]
-    with ``batch_dim_idx=0`` at call time, ``scatter_idx=2`` (heads) and ``gather_idx=1``
-    (sequence); the gathered sequence is in CP rank order, which ``gathered_mask`` accounts for.
+    Same interface as :class:`~emu3_train.parallel.cp_attention.AllGatherCore`. DeepSpeed 0.19.8
+    takes batch-first [B, S, H, D] with ``batch_dim_idx=0`` at call time, ``scatter_idx=2`` (heads)
+    and ``gather_idx=1`` (sequence); the gathered sequence is in CP rank order, which
+    :class:`~emu3_train.parallel.cp_attention.RowOrderAttention` puts in row order for chunked SDPA.
     Query heads h of KV head h // (Hq / Hkv) stay together because both are split contiguously.
     """
 
-    def __init__(self, group: dist.ProcessGroup, dropout: float = 0.0):
+    def __init__(self, group: dist.ProcessGroup, dropout: float = 0.0, chunk_size: int | None = None):
         super().__init__()
         from deepspeed.sequence.layer import DistributedAttention
 
         _init_deepspeed_comm()
         self.cp = dist.get_world_size(group)
-        self.dist_attn = DistributedAttention(_GatheredSdpa(dropout), group, scatter_idx=2, gather_idx=1)
+        self.local_attn = RowOrderAttention(self.cp, dropout, chunk_size)
+        self.dist_attn = DistributedAttention(self.local_attn, group, scatter_idx=2, gather_idx=1)
 
     def forward(self, q, k, v, docs: ContextParallelLayout) -> torch.Tensor:
         if k.shape[2] % self.cp:
@@ -293,16 +241,45 @@ class UlyssesCore(nn.Module):
         return f"cp={self.cp}"
 
 
-def apply_cp(model: nn.Module, cp_mesh: DeviceMesh | None, impl: str = "allgather") -> None:
+_CORE_IMPLS = ((AutoCore, "auto"), (SdpaCore, "sdpa"), (FlexCore, "flex"), (VarlenCore, "varlen"))
+
+
+def attn_impl_of(core: nn.Module) -> str:
+    """The ``model.attn_impl`` a single-process attention core was built for."""
+    for cls, name in _CORE_IMPLS:
+        if isinstance(core, cls):
+            return name
+    raise TypeError(f"apply_cp cannot tell the model.attn_impl of attention core {type(core).__name__}: "
+                    "pass attn_impl= (or apply_cp once, to a plain model)")
+
+
+def _cp_core(old: nn.Module, group: dist.ProcessGroup, impl: str, attn_impl: str) -> nn.Module:
+    dropout = getattr(old, "dropout", 0.0)
+    if impl == "ulysses":
+        return UlyssesCore(group, dropout=dropout)
+    if attn_impl == "flex":
+        return FlexAllGatherCore(group, block_size=getattr(old, "block_size", BLOCK_SIZE))
+    if attn_impl == "auto":
+        return AutoAllGatherCore(group, dropout=dropout)
+    return AllGatherCore(group, dropout=dropout)
+
+
+def apply_cp(model: nn.Module, cp_mesh: DeviceMesh | None, impl: str = "allgather",
+             attn_impl: str | None = None) -> None:
     """Context-parallel pass: swap every attention core for a CP core and install the CP layout.
 
     ``cp_mesh`` is the 1-D "cp" mesh (``mesh["cp"]``); a size-1 or None mesh leaves the model
-    as it is. Afterwards the model takes the shards of :func:`shard_batch` plus their
-    ``token_index``. Parameters and their names are unchanged. Attention dropout carries over
-    (its masks then differ from a single process's). Accepts an Emu3CausalLM or a Decoder.
+    as it is. ``impl`` is ``parallel.cp_impl``; ``attn_impl`` the ``model.attn_impl`` (None: read
+    from the cores the model was built with): allgather + sdpa -> chunked SDPA, + flex -> flex,
+    + auto -> flex on CUDA else chunked SDPA; ulysses -> chunked SDPA (sdpa, auto). Afterwards
+    the model takes the shards of :func:`shard_batch` plus their ``token_index``. Parameters and
+    their names are unchanged. Attention dropout carries over (its masks then differ from a single
+    process's). Accepts an Emu3CausalLM or a Decoder.
     """
     if impl not in CP_IMPLS:
         raise ValueError(f"parallel.cp_impl={impl!r} is unknown; choose one of {CP_IMPLS}")
+    if attn_impl is not None and attn_impl not in ATTN_IMPLS:
+        raise ValueError(f"model.attn_impl={attn_impl!r} is unknown; choose one of {ATTN_IMPLS}")
     decoder = model.model if isinstance(model, Emu3CausalLM) else model
     if not isinstance(decoder, Decoder):
         raise TypeError(f"apply_cp expects Emu3CausalLM or Decoder, got {type(model).__name__}")
@@ -311,8 +288,15 @@ def apply_cp(model: nn.Module, cp_mesh: DeviceMesh | None, impl: str = "allgathe
     if cp_mesh.ndim != 1:
         raise ValueError(f"apply_cp needs the 1-D 'cp' mesh (mesh['cp']), got {cp_mesh.ndim} dims")
     group = cp_mesh.get_group()
-    core_cls = AllGatherCore if impl == "allgather" else UlyssesCore
-    for module in decoder.modules():
-        if isinstance(module, Attention):
-            module.core = core_cls(group, dropout=getattr(module.core, "dropout", 0.0))
+    attention = [m for m in decoder.modules() if isinstance(m, Attention)]
+    for module in attention:
+        chosen = attn_impl or attn_impl_of(module.core)
+        if chosen == "varlen":
+            raise ValueError(f"model.attn_impl=varlen has no context-parallel core (parallel.cp="
+                             f"{cp_mesh.size()}): use flex, auto or sdpa")
+        if chosen == "flex" and impl == "ulysses":
+            raise ValueError("model.attn_impl=flex has no parallel.cp_impl=ulysses core: use "
+                             "parallel.cp_impl=allgather, or model.attn_impl=sdpa or auto")
+    for module in attention:
+        module.core = _cp_core(module.core, group, impl, attn_impl or attn_impl_of(module.core))
     decoder.make_layout = ContextParallelLayoutBuilder(group)

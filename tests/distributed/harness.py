@@ -13,8 +13,10 @@ from __future__ import annotations
 import io
 import os
 import socket
+import time
 import traceback
 from datetime import timedelta
+from queue import Empty
 
 import torch
 import torch.distributed as dist
@@ -43,10 +45,25 @@ def _worker(rank, world_size, port, fn, args, queue):
             dist.destroy_process_group()
 
 
+def _next_report(queue, procs, deadline: float):
+    """The next (rank, status, value) a worker put; fails if a worker died without one (a crash in
+    C++ such as a gloo size mismatch) or the deadline passed, instead of waiting forever."""
+    while True:
+        try:
+            return queue.get(timeout=1.0)
+        except Empty:
+            dead = [f"rank {r} exited with code {p.exitcode} without a result" for r, p in enumerate(procs)
+                    if p.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError("; ".join(dead) + " (see its stderr above)") from None
+            if time.monotonic() > deadline:
+                raise TimeoutError("distributed test gave no result within its timeout") from None
+
+
 def run_distributed(fn, world_size: int, args: tuple = (), timeout: float = 300) -> list:
     """``[fn(0, ...), fn(1, ...), ...]`` computed on ``world_size`` spawned gloo processes."""
     ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
+    queue = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue), daemon=True)
              for r in range(world_size)]
@@ -54,8 +71,9 @@ def run_distributed(fn, world_size: int, args: tuple = (), timeout: float = 300)
         p.start()
     results: dict[int, object] = {}
     errors = []
+    deadline = time.monotonic() + timeout
     for _ in range(world_size):
-        rank, status, value = queue.get()
+        rank, status, value = _next_report(queue, procs, deadline)
         if status == "ok":
             results[rank] = torch.load(io.BytesIO(value), weights_only=False)
         else:

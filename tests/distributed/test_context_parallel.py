@@ -2,7 +2,9 @@
 
 The batch packs documents across the 2·cp chunk boundaries, with padding, and GQA heads, so the
 load-balanced chunk order, the per-document mask and the K/V gather (or Ulysses all-to-all) all
-have to be right for the numbers to match.
+have to be right for the numbers to match. Some runs cut the queries into chunks of a few tokens
+(chunks then cross documents) under activation recompute; the flex core is checked forward only
+(no CPU backward).
 """
 
 import numpy as np
@@ -14,8 +16,14 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from emu3_train.config import ModelConfig
 from emu3_train.loss import weighted_ce
-from emu3_train.model.decoder import Emu3CausalLM
+from emu3_train.model.decoder import Emu3CausalLM, apply_recompute
 from emu3_train.parallel.context_parallel import apply_cp, shard_batch, unshard_sequence
+from emu3_train.parallel.cp_attention import (
+    AllGatherCore,
+    AutoAllGatherCore,
+    FlexAllGatherCore,
+    RowOrderAttention,
+)
 
 VOCAB = 283
 SEQ = 32
@@ -24,14 +32,14 @@ PERTURBED = (0, 5, 18)  # row, start, end of the document the isolation test cha
 STEPS = 3
 
 
-def tiny_cfg() -> ModelConfig:
+def tiny_cfg(attn_impl="sdpa") -> ModelConfig:
     return ModelConfig(hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
-                       rope_theta=10_000.0)
+                       rope_theta=10_000.0, attn_impl=attn_impl)
 
 
-def make_model() -> Emu3CausalLM:
+def make_model(attn_impl="sdpa") -> Emu3CausalLM:
     torch.manual_seed(0)
-    return Emu3CausalLM(tiny_cfg(), VOCAB)
+    return Emu3CausalLM(tiny_cfg(attn_impl), VOCAB)
 
 
 def make_batch(seed=1) -> dict:
@@ -87,21 +95,30 @@ def train(model, batch, forward, reduce):
     return loss, grads, {n: p.detach().numpy().copy() for n, p in model.named_parameters()}
 
 
-def _cp_worker(rank, world, impl, batch):
+def _forward(m, shard):
+    return m(shard["tokens"], shard["position_ids"], shard["cu_seqlens"], token_index=shard["token_index"])
+
+
+def _global_hidden(model, batch, rank, world, group):
+    local = _forward(model, shard_batch(batch, rank, world)).detach()
+    shards = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(shards, local, group=group)
+    return unshard_sequence(shards).numpy()
+
+
+def _cp_worker(rank, world, impl, chunk_size, recompute, batch):
     model = make_model()
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("cp",))
     apply_cp(model, mesh, impl)
+    chunked = [m for m in model.modules() if isinstance(m, (AllGatherCore, RowOrderAttention))]
+    assert len(chunked) == 2  # one chunked SDPA core per layer
+    for core in chunked:
+        core.chunk_size = chunk_size  # None: the memory budget's (here: whole row chunks)
+    apply_recompute(model, recompute)
     group = mesh.get_group()
 
-    def forward(m, shard):
-        return m(shard["tokens"], shard["position_ids"], shard["cu_seqlens"],
-                 token_index=shard["token_index"])
-
     def global_hidden(b):
-        local = forward(model, shard_batch(b, rank, world)).detach()
-        shards = [torch.empty_like(local) for _ in range(world)]
-        dist.all_gather(shards, local, group=group)
-        return unshard_sequence(shards).numpy()
+        return _global_hidden(model, b, rank, world, group)
 
     def reduce(t):
         t = t.clone()
@@ -115,7 +132,7 @@ def _cp_worker(rank, world, impl, batch):
         missing_index_error = ""
     except ValueError as e:
         missing_index_error = str(e)
-    loss, grads, params = train(model, shard_batch(batch, rank, world), forward, reduce)
+    loss, grads, params = train(model, shard_batch(batch, rank, world), _forward, reduce)
     return dict(hidden=hidden, hidden_perturbed=hidden_perturbed, loss=loss, grads=grads, params=params,
                 missing_index_error=missing_index_error)
 
@@ -132,13 +149,15 @@ def reference():
 
 
 @pytest.fixture(scope="module", params=[
-    pytest.param(("allgather", 2), id="allgather-cp2"),
-    pytest.param(("ulysses", 2), id="ulysses-cp2"),
-    pytest.param(("allgather", 4), id="allgather-cp4", marks=pytest.mark.slow),  # 4 processes: ~30 s here
+    pytest.param(("allgather", 2, None, "none"), id="allgather-cp2"),
+    pytest.param(("ulysses", 2, None, "none"), id="ulysses-cp2"),
+    pytest.param(("allgather", 2, 3, "selective"), id="allgather-cp2-chunk3-selective"),
+    pytest.param(("ulysses", 2, 5, "full"), id="ulysses-cp2-chunk5-full"),
+    pytest.param(("allgather", 4, None, "none"), id="allgather-cp4", marks=pytest.mark.slow),  # ~30 s here
 ])
 def cp_run(request):
-    impl, cp = request.param
-    return run_distributed(_cp_worker, cp, args=(impl, make_batch()))
+    impl, cp, chunk_size, recompute = request.param
+    return run_distributed(_cp_worker, cp, args=(impl, chunk_size, recompute, make_batch()))
 
 
 def test_shard_batch_keeps_chunk_r_and_its_mirror_and_round_trips():
@@ -205,3 +224,62 @@ def test_cp_never_attends_across_documents(cp_run):
 def test_cp_model_needs_the_token_index(cp_run):
     for result in cp_run:
         assert "token_index=batch['token_index']" in result["missing_index_error"]
+
+
+def _cores(model):
+    return {type(layer.self_attn.core) for layer in model.model.layers}
+
+
+def _flex_worker(rank, world, batch):
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("cp",))
+    group, shard = mesh.get_group(), shard_batch(batch, rank, world)
+    out = {}
+    for impl in ("sdpa", "auto", "flex"):
+        model = make_model(impl)
+        apply_cp(model, mesh, "allgather")
+        out[impl + "_cores"] = _cores(model)
+        for layer in model.model.layers:  # blocks of 4 tokens: full, partial and skipped blocks at S=32
+            if isinstance(layer.self_attn.core, FlexAllGatherCore):
+                layer.self_attn.core.block_size = 4
+        with torch.no_grad():
+            out[impl] = _global_hidden(model, batch, rank, world, group)
+    try:
+        _forward(model, shard)  # flex, with grad
+    except RuntimeError as e:
+        out["train_error"] = str(e)
+    errors = {}
+    for attn_impl, cp_impl in (("varlen", "allgather"), ("flex", "ulysses")):
+        try:
+            apply_cp(make_model(attn_impl), mesh, cp_impl)
+        except ValueError as e:
+            errors[attn_impl, cp_impl] = str(e)
+    try:
+        with torch.no_grad():
+            _forward(model, {**shard, "token_index": shard["token_index"].flip(1)})
+    except RuntimeError as e:
+        errors["token_index"] = str(e)
+    out["errors"] = errors
+    return out
+
+
+@pytest.fixture(scope="module")
+def flex_run():
+    return run_distributed(_flex_worker, 2, args=(make_batch(),))  # compiles flex per process: ~20 s
+
+
+def test_cp_picks_its_attention_core_by_model_attn_impl(flex_run):
+    for result in flex_run:
+        assert result["sdpa_cores"] == {AllGatherCore}
+        assert result["auto_cores"] == {AutoAllGatherCore}
+        assert result["flex_cores"] == {FlexAllGatherCore}
+        errors = result["errors"]
+        assert "model.attn_impl=varlen has no context-parallel core" in errors["varlen", "allgather"]
+        assert "parallel.cp_impl=allgather" in errors["flex", "ulysses"]
+        assert "token_index is not shard_batch's" in errors["token_index"]
+
+
+def test_cp_flex_and_auto_forward_match_one_process(flex_run, reference):
+    for result in flex_run:
+        for impl in ("sdpa", "auto", "flex"):
+            np.testing.assert_allclose(result[impl], reference["hidden"], atol=1e-5, rtol=1e-5, err_msg=impl)
+        assert "model.attn_impl=flex cannot train on CPU" in result["train_error"]

@@ -64,7 +64,9 @@ def test_cp2_equals_one_process(data, tmp_path, impl):
     ref = _single(data, tmp_path)
     got = run_distributed(_run, 2, (data, tmp_path / impl, [
         "parallel.dp=1", "parallel.cp=2", f"parallel.cp_impl={impl}", "data.micro_batch_size=4"], 3))
-    _close(ref, got[0])
+    # The chunked CP core attends each query chunk to only the keys its documents can reach, which
+    # moves outputs by ~1 ulp; AdamW amplifies that as for TP (test_tensor_parallel_layouts_...).
+    _close(ref, got[0], param_atol=1e-4)
 
 
 @pytest.mark.parametrize("layout", [

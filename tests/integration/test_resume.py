@@ -93,3 +93,23 @@ def test_resume_with_another_worker_count(demo_data, tmp_path):
     assert got == expected
     assert resumed.loader.state_dict() == full.loader.state_dict()
     full.loader.close()
+
+
+def test_requeued_stage2_job_resumes_instead_of_reinitialising(demo_data, tmp_path):
+    """init_from starts a run; once the run has its own checkpoint, resume=latest wins (a requeued
+    slurm job passes both)."""
+    stage1 = _trainer(demo_data, tmp_path / "s1")
+    stage1.train_step()
+    init = stage1.save(wait=True)
+    both = ("checkpoint.resume=latest", f"checkpoint.init_from={init}")
+    fresh = _trainer(demo_data, tmp_path / "s2", *both)
+    assert fresh.step == 0
+    for p, q in zip(stage1.model.parameters(), fresh.model.parameters()):
+        assert torch.equal(p, q)  # started from the stage-1 weights
+    fresh.train_step()
+    fresh.train_step()
+    fresh.save(wait=True)
+    requeued = _trainer(demo_data, tmp_path / "s2", *both)
+    assert requeued.step == 2
+    for p, q in zip(fresh.model.parameters(), requeued.model.parameters()):
+        assert torch.equal(p, q)

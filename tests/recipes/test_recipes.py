@@ -16,15 +16,23 @@ GROUP_FILES = {g: sorted(p.stem for p in (RECIPES / g).glob("*.yaml"))
 NEEDS_PATH = ["data.path=/nonexistent/shards"]
 
 
+INIT = ["checkpoint.init_from=/runs/stage1/ckpt/latest"]
+# world sizes the multi-GPU recipes are meant for (validation checks the layout against them)
+WORLD = {("parallel", "node8"): 8, ("parallel", "nodes"): 32, ("experiment", "stage2"): 64}
+
+
 def _overrides(group: str, name: str) -> list[str]:
     extra = NEEDS_PATH if (group == "data" and name == "shards") else []
     if group == "experiment" and name in ("stage1", "stage2"):
-        extra = ["model=emu3_8b", "data=shards", *NEEDS_PATH]
+        extra = ["model=emu3_8b", "data=shards", *NEEDS_PATH, *(INIT if name == "stage2" else [])]
+    if (group, name) in WORLD and group == "parallel":  # a cluster preset, with the stage-1 batch
+        extra = ["experiment=stage1", "model=emu3_8b", "data=shards", *NEEDS_PATH]
     return [f"{group}={name}", *extra]
 
 
 def test_every_recipe_file_is_covered():
-    assert GROUP_FILES["model"] == ["emu3_8b", "tiny"]
+    assert GROUP_FILES["model"] == ["emu3_1b", "emu3_8b", "tiny"]
+    assert {"auto", "single", "node8", "nodes"} <= set(GROUP_FILES["parallel"])
     assert {"demo", "shards"} <= set(GROUP_FILES["data"])
     assert {"demo", "stage1", "stage2"} <= set(GROUP_FILES["experiment"])
     assert (RECIPES / "train.yaml").is_file()
@@ -34,7 +42,33 @@ def test_every_recipe_file_is_covered():
 def test_recipe_composes_and_validates(group, name):
     cfg = compose(_overrides(group, name))
     assert isinstance(cfg, TrainConfig)
-    validate(cfg, world_size=1, vocab_size=get_vocab(cfg.data.vocab).size)
+    validate(cfg, world_size=WORLD.get((group, name), 1), vocab_size=get_vocab(cfg.data.vocab).size)
+
+
+def test_parallel_presets_reject_other_world_sizes():
+    cfg = compose(_overrides("parallel", "node8"))
+    with pytest.raises(ConfigError, match="world size 4"):
+        validate(cfg, world_size=4)
+    nodes = compose(_overrides("parallel", "nodes"))
+    assert ParallelDims.from_config(nodes, 16).dp == 8  # dp takes what tp leaves
+
+
+def test_emu3_1b_is_emu3_shaped_and_about_a_billion_in_the_blocks():
+    from emu3_train.flops import layer_params, total_params
+
+    m = compose(["model=emu3_1b"]).model
+    e = compose(["model=emu3_8b"]).model
+    assert m.hidden_size // m.num_heads == e.hidden_size // e.num_heads == 128
+    assert m.num_heads // m.num_kv_heads == e.num_heads // e.num_kv_heads == 4
+    assert (m.vocab_size, m.rope_theta) == (e.vocab_size, e.rope_theta)
+    assert 0.9e9 < m.num_layers * layer_params(m) < 1.1e9
+    assert 1.6e9 < total_params(m, m.vocab_size) < 1.8e9
+
+
+def test_stage2_needs_its_stage1_weights():
+    cfg = compose(["experiment=stage2", "data=shards", *NEEDS_PATH])
+    with pytest.raises(ConfigError, match=r"checkpoint\.init_from is required"):
+        validate(cfg, world_size=64)
 
 
 def test_default_composition_is_the_demo_shape():
@@ -52,8 +86,11 @@ def test_stage_experiments():
     s1 = compose(_overrides("experiment", "stage1"))
     assert s1.data.seq_len == 5120 and s1.optim.lr == 5e-5 and s1.optim.min_lr_ratio == 0.0
     assert s1.loss.vision_weight == 0.5 and s1.model.name == "emu3_8b"
+    assert s1.data.tasks == ["t2i", "i2t", "text"]  # no video in stage 1
+    assert s1.model.attention_dropout == 0.1 and s1.optim.warmup_steps > 0
     s2 = compose(_overrides("experiment", "stage2"))
-    assert s2.data.seq_len == 131_072
+    assert s2.data.seq_len == 131_072 and s2.data.tasks == [] and s2.parallel.cp > 1
+    assert s2.checkpoint.init_from
     demo = compose(["experiment=demo"])
     assert demo.eval.task == "digits" and demo.model.name == "tiny"
     accum = ParallelDims.from_config(demo, 1).grad_accum_steps(demo)

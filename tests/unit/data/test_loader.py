@@ -167,3 +167,25 @@ def test_stats_and_state_guards(shards, blend):
         loader(shards, rank=2, dp=2)
     with pytest.raises(ValueError, match="on_bad_sample"):
         loader(shards, on_bad_sample="ignore")
+
+
+def test_tasks_filter_leaves_out_video_and_is_part_of_the_state(shards, make_docs, make_shards, vocab):
+    tasks = shards.task_names
+    video = set(np.flatnonzero(tasks == "video").tolist())
+    assert video and len(video) < len(shards)
+    ld = loader(shards, tasks=["t2i", "i2t", "text"])
+    take(ld, 10)
+    seen = {p.doc_id for k in range(40) for p in ld.row(k)}  # past the end of epoch 0
+    assert seen == set(range(len(shards))) - video
+    assert ld.stats()["skipped"] == 0  # left out by choice, not skipped as bad or oversize
+    state = ld.state_dict()
+    assert state["tasks"] == ["i2t", "t2i", "text"]
+    with pytest.raises(ValueError, match="tasks="):
+        loader(shards).load_state_dict(state)
+    old = {k: v for k, v in loader(shards).state_dict().items() if k != "tasks"}
+    loader(shards).load_state_dict(old)  # states written before the filter existed mean "all tasks"
+    with pytest.raises(ValueError, match=r"tasks \['bogus'\] are not among"):
+        loader(shards, tasks=["bogus"])
+    text_only = [d for d in make_docs(20) if d["task"] == "text"]
+    with pytest.raises(ValueError, match="no document of .*text-only has a task in"):
+        loader(ShardSet(make_shards(text_only, name="text-only"), vocab), tasks=["video"])

@@ -118,7 +118,7 @@ def _train_cfg(**model):
 @pytest.mark.parametrize("change,field", [
     ({"trainer.device": "cpu"}, "trainer.device=cpu"),
     ({"model.attention_dropout": 0.1}, "model.attention_dropout"),
-    ({"parallel.cp": 2}, "parallel.cp=2"),
+    ({"parallel.cp": 2, "parallel.cp_impl": "ulysses"}, "parallel.cp_impl=ulysses"),
 ])
 @pytest.mark.parametrize("impl", ["flex", "varlen"])
 def test_config_rejects_what_gpu_kernels_cannot_train(impl, change, field):
@@ -130,6 +130,15 @@ def test_config_rejects_what_gpu_kernels_cannot_train(impl, change, field):
         setattr(getattr(cfg, section), key, value)
     with pytest.raises(ConfigError, match=rf"model\.attn_impl={impl}.*{field}"):
         validate(cfg, world_size=world_size)
+
+
+def test_config_allows_flex_but_not_varlen_under_allgather_cp():
+    cfg = _train_cfg(attn_impl="flex")
+    cfg.parallel.cp = 2
+    validate(cfg, world_size=2)
+    cfg.model.attn_impl = "varlen"
+    with pytest.raises(ConfigError, match=r"model\.attn_impl=varlen has no context-parallel core"):
+        validate(cfg, world_size=2)
 
 
 def test_config_rejects_varlen_without_bf16():

@@ -1,0 +1,365 @@
+"""Attention of a context-parallel shard over the whole row, without an [S_local, S] mask.
+
+Every query and key carries its global token index (over the flattened B*S tokens of the batch,
+the index space of ``cu_seqlens``) and its document id; query i may attend key j iff both are in
+the same document and index_j <= index_i. :func:`gather_sequence` hands every rank the row's K/V
+in *row order* (key j of row b is token b*S + j), so each block of queries can skip every key
+before its earliest document's first token and after its last query.
+
+- :func:`chunked_document_attention` (SDPA; CPU, and the GPU path with dropout): queries in
+  chunks, each chunk's boolean mask [B, 1, chunk, K_c] built inside the chunk computation over
+  only the key range it can reach. An autograd Function recomputes each chunk in backward, so
+  what is saved for backward is q, k, v and the integer vectors: O(S) memory instead of the dense
+  mask's O(S_local * S), same numbers. Transient memory: one chunk's mask, a
+  :data:`CHUNK_BUDGET_BYTES` budget (:func:`query_chunk_size`).
+- :func:`cp_block_mask` (flex; GPU): the same mask as a flex ``BlockMask`` over Q_LEN = S_local,
+  KV_LEN = S, classified per (query block, key block) from the blocks' index and document ranges
+  in O(B * S_local * S / 128^2) integer ops, never a dense mask.
+- :func:`dense_document_attention`: the dense-mask reference (tests, benchmark).
+
+The cores (``forward(q, k, v, docs)``, ``docs`` a ``context_parallel.ContextParallelLayout``):
+:class:`AllGatherCore` (chunked SDPA), :class:`FlexAllGatherCore`, :class:`AutoAllGatherCore`, and
+:func:`row_order_attention`, the local attention of the Ulysses core.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
+
+from emu3_train.model.attention import choose_attn_impl, masked_sdpa
+from emu3_train.model.flex import BLOCK_SIZE, compiled_flex_attention
+from emu3_train.model.varlen import HALF_DTYPES
+
+if TYPE_CHECKING:
+    from emu3_train.parallel.context_parallel import ContextParallelLayout
+
+CHUNK_BUDGET_BYTES = 64 * 2**20  # per query chunk: its mask and what SDPA derives from it
+# Smaller chunks reach fewer keys (a tighter [lo, hi) per chunk); 512 was faster than 1,024 or
+# 4,096 on CPU at S = 16,384 with 256..4,096-token documents (benchmarks/cp_attention.py).
+MAX_CHUNK_QUERIES = 512
+
+# (query start, query end, key start, key end) of one chunk: local query positions, key columns
+Chunk = tuple[int, int, int, int]
+
+
+def rank_to_row_order(shards: list[torch.Tensor], dim: int = 1) -> torch.Tensor:
+    """The cp ranks' shards in rank order ([.., S / cp, ..] each, row chunks r and 2·cp−1−r)
+    -> the row [.., S, ..] in row order. One copy; differentiable."""
+    cp = len(shards)
+    halves = [piece for shard in shards for piece in shard.chunk(2, dim=dim)]
+    order = [None] * (2 * cp)
+    for r in range(cp):
+        order[r], order[2 * cp - 1 - r] = halves[2 * r], halves[2 * r + 1]
+    return torch.cat(order, dim=dim)
+
+
+def row_to_rank_order(x: torch.Tensor, cp: int, dim: int = 1) -> torch.Tensor:
+    """Inverse of :func:`rank_to_row_order`: the row [.., S, ..] -> the shards concatenated in
+    rank order [.., S, ..]. One copy; differentiable."""
+    chunks = x.chunk(2 * cp, dim=dim)
+    return torch.cat([c for r in range(cp) for c in (chunks[r], chunks[2 * cp - 1 - r])], dim=dim)
+
+
+class _GatherSequence(torch.autograd.Function):
+    """All-gather along the sequence into row order; backward reduce-scatters (sums) the gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        cp = dist.get_world_size(group)
+        ctx.group, ctx.local_shape = group, x.shape
+        buf = x.new_empty((cp * x.shape[0], *x.shape[1:]))
+        dist.all_gather_single(buf, x.contiguous(), group=group)
+        return rank_to_row_order(list(buf.view(cp, *x.shape).unbind(0)))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        cp = dist.get_world_size(ctx.group)
+        chunks = grad.chunk(2 * cp, dim=1)
+        per_rank = grad.new_empty((cp, *ctx.local_shape))
+        for r in range(cp):
+            torch.cat([chunks[r], chunks[2 * cp - 1 - r]], dim=1, out=per_rank[r])
+        out = grad.new_empty(ctx.local_shape)
+        dist.reduce_scatter_single(out, per_rank.view(cp * ctx.local_shape[0], *ctx.local_shape[1:]),
+                                   op=dist.ReduceOp.SUM, group=ctx.group)
+        return out, None
+
+
+def gather_sequence(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Differentiable all-gather of :func:`~emu3_train.parallel.context_parallel.shard_batch`
+    shards: [B, S / cp, ...] on each rank -> [B, S, ...] in row order (position j = row column j)."""
+    return _GatherSequence.apply(x, group)
+
+
+def document_causal_mask(q_index, q_docs, k_index, k_docs) -> torch.Tensor:
+    """int64 [B, Sq] (query index, doc), [B, Sk] (key index, doc) -> bool [B, 1, Sq, Sk]."""
+    same_doc = q_docs[:, :, None] == k_docs[:, None, :]
+    return (same_doc & (k_index[:, None, :] <= q_index[:, :, None])).unsqueeze(1)
+
+
+
+
+def dense_document_attention(q, k, v, q_index, q_docs, k_index, k_docs, dropout: float = 0.0) -> torch.Tensor:
+    """The reference: SDPA with the dense [B, 1, Sq, Sk] mask, saved for backward. Same shapes as
+    :func:`chunked_document_attention`; memory O(B * Sq * Sk)."""
+    return masked_sdpa(q, k, v, document_causal_mask(q_index, q_docs, k_index, k_docs), dropout)
+
+
+def query_chunk_size(batch: int, keys: int, heads: int, dtype: torch.dtype, dropout: float,
+                     budget: int = CHUNK_BUDGET_BYTES) -> int:
+    """Queries per chunk (at most :data:`MAX_CHUNK_QUERIES`) so that one chunk's transient
+    attention state fits ``budget`` bytes.
+
+    Per (query, key) pair: the boolean mask (1 byte) and the additive bias SDPA converts it to
+    (one activation element); with dropout, SDPA's math path also materializes scores,
+    probabilities and the dropout mask for each of ``heads`` query heads (fp32, 3 x 4 bytes).
+    """
+    per_pair = 1 + torch.empty((), dtype=dtype).element_size() + (12 * heads if dropout else 0)
+    return max(1, min(MAX_CHUNK_QUERIES, budget // (batch * keys * per_pair)))
+
+
+def plan_query_chunks(q_cols: torch.Tensor, q_first_cols: torch.Tensor, chunk_size: int) -> tuple[Chunk, ...]:
+    """Cut the queries into chunks of at most ``chunk_size`` and give each the keys it can reach.
+
+    ``q_cols`` int64 [B, Sq]: each query's column in its row (its key j is column j);
+    ``q_first_cols`` [B, Sq]: the column of its document's first token in that row. A chunk never
+    spans a jump in the columns (the two row chunks a CP rank holds), and reaches keys
+    [min first column, max column + 1) over its queries and rows, a superset of what its mask
+    allows. One host synchronization.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of queries, got {chunk_size}")
+    last = q_cols.amax(0).cpu().numpy()
+    first = q_first_cols.amin(0).cpu().numpy()
+    runs = np.flatnonzero(np.diff(last) != 1) + 1
+    bounds = np.concatenate([[0], runs, [len(last)]])
+    starts = np.concatenate([np.arange(a, b, chunk_size) for a, b in zip(bounds[:-1], bounds[1:])])
+    ends = np.append(starts[1:], len(last))
+    lo = np.minimum.reduceat(first, starts)
+    hi = np.maximum.reduceat(last, starts) + 1
+    return tuple(zip(starts.tolist(), ends.tolist(), lo.tolist(), hi.tolist()))
+
+
+def _capture_rng(device: torch.device):
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+@contextlib.contextmanager
+def _replay_rng(state, device: torch.device):
+    """Run the block from the generator state ``state`` (CPU, and ``device`` if CUDA); restore after."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type="cuda"):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
+        yield
+
+
+def _chunk_mask(q_index, q_docs, k_index, k_docs, chunk: Chunk) -> torch.Tensor:
+    """bool [B, 1, chunk queries, chunk keys], built when the chunk runs (and again in backward)."""
+    qs, qe, ks, ke = chunk
+    return document_causal_mask(q_index[:, qs:qe], q_docs[:, qs:qe], k_index[:, ks:ke], k_docs[:, ks:ke])
+
+
+class _ChunkedDocumentAttention(torch.autograd.Function):
+    """Forward: chunk by chunk, keeping only the output. Backward: each chunk again (same dropout
+    draws: the generator is replayed from the forward's state), its gradients accumulated."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, q_index, q_docs, k_index, k_docs, chunks: tuple[Chunk, ...], dropout: float):
+        ctx.rng = _capture_rng(q.device) if dropout else None
+        ctx.chunks, ctx.dropout = chunks, dropout
+        ctx.save_for_backward(q, k, v, q_index, q_docs, k_index, k_docs)
+        out = q.new_empty(*q.shape[:3], v.shape[-1])
+        for qs, qe, ks, ke in chunks:
+            mask = _chunk_mask(q_index, q_docs, k_index, k_docs, (qs, qe, ks, ke))
+            out[:, qs:qe] = masked_sdpa(q[:, qs:qe], k[:, ks:ke], v[:, ks:ke], mask, dropout)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, q_index, q_docs, k_index, k_docs = ctx.saved_tensors
+        acc = torch.float32 if k.dtype in HALF_DTYPES else k.dtype  # dk/dv sum over chunks
+        dq = torch.zeros_like(q)
+        dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+        dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+        replay = _replay_rng(ctx.rng, q.device) if ctx.rng is not None else contextlib.nullcontext()
+        with replay:
+            for chunk in ctx.chunks:
+                qs, qe, ks, ke = chunk
+                inputs = [t.detach().requires_grad_() for t in (q[:, qs:qe], k[:, ks:ke], v[:, ks:ke])]
+                with torch.enable_grad():
+                    mask = _chunk_mask(q_index, q_docs, k_index, k_docs, chunk)
+                    out = masked_sdpa(*inputs, mask, ctx.dropout)
+                gq, gk, gv = torch.autograd.grad(out, inputs, grad_out[:, qs:qe])
+                dq[:, qs:qe] = gq
+                dk[:, ks:ke] += gk
+                dv[:, ks:ke] += gv
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+
+
+def chunked_document_attention(q, k, v, q_index, q_docs, k_index, k_docs, chunks: tuple[Chunk, ...],
+                               dropout: float = 0.0) -> torch.Tensor:
+    """Document-causal attention, chunk by chunk (see the module docstring).
+
+    q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] (Hkv divides Hq); q_index/q_docs int64 [B, Sq],
+    k_index/k_docs [B, Sk]; ``chunks`` from :func:`plan_query_chunks` (they must cover every
+    query once, and every key a chunk's queries may attend must lie in its key range) ->
+    [B, Sq, Hq, D], equal to :func:`dense_document_attention`. ``dropout`` drops attention
+    weights with that probability (pass 0 in eval); backward reproduces the forward's drops.
+    Saved for backward: q, k, v and the four integer vectors, nothing of size Sq * Sk.
+    """
+    return _ChunkedDocumentAttention.apply(q, k, v, q_index, q_docs, k_index, k_docs, chunks, dropout)
+
+
+def _block_ranges(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, L] -> (min, max) over each ``block``-long slice, [B, ceil(L / block)] (tail: its own)."""
+    pad = -x.shape[1] % block
+    if pad:
+        x = torch.cat([x, x[:, -1:].expand(x.shape[0], pad)], dim=1)
+    x = x.view(x.shape[0], -1, block)
+    return x.amin(-1), x.amax(-1)
+
+
+def _ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool [B, Qb, Kb] -> (count int32 [B, 1, Qb], indices int32 [B, 1, Qb, Kb]), set blocks first."""
+    counts = blocks.sum(-1, dtype=torch.int32)
+    order = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True)
+    return counts.unsqueeze(1), order.to(torch.int32).unsqueeze(1)
+
+
+def cp_block_mask(q_index, q_docs, k_index, k_docs, block_size: int = 128) -> BlockMask:
+    """The mask of :func:`document_causal_mask` as a flex BlockMask, Q_LEN = Sq, KV_LEN = Sk.
+
+    Per (query block, key block): *full* when every key's index is at most every query's and all
+    of them share one document; *partial* (mask_mod evaluated per token) when the ranges allow
+    some pair (earliest key index <= latest query index, document ranges overlap); else skipped.
+    Exact for blocks of consecutive columns (what the CP cores pass when the row chunk length is a
+    multiple of ``block_size``), a superset otherwise. Tail blocks are never full.
+    """
+    batch, sq = q_index.shape
+    sk = k_index.shape[1]
+    q_lo, q_hi = _block_ranges(q_index, block_size)
+    qd_lo, qd_hi = _block_ranges(q_docs, block_size)
+    k_lo, k_hi = _block_ranges(k_index, block_size)
+    kd_lo, kd_hi = _block_ranges(k_docs, block_size)
+    some = ((k_lo[:, None, :] <= q_hi[:, :, None]) & (kd_lo[:, None, :] <= qd_hi[:, :, None])
+            & (kd_hi[:, None, :] >= qd_lo[:, :, None]))
+    one_doc = ((qd_lo == qd_hi)[:, :, None] & (kd_lo == kd_hi)[:, None, :]
+               & (kd_lo[:, None, :] == qd_lo[:, :, None]))
+    full = one_doc & (k_hi[:, None, :] <= q_lo[:, :, None])
+    if sq % block_size:
+        full[:, -1, :] = False
+    if sk % block_size:
+        full[:, :, -1] = False
+    partial = some & ~full
+
+    # The kernel evaluates the mask on whole blocks: padded queries and keys match no document.
+    q_idx = F.pad(q_index, (0, -sq % block_size))
+    k_idx = F.pad(k_index, (0, -sk % block_size))
+    q_doc = F.pad(q_docs, (0, -sq % block_size), value=-1)
+    k_doc = F.pad(k_docs, (0, -sk % block_size), value=-2)
+
+    def same_document_causal(b, h, q, kv):
+        return (k_idx[b, kv] <= q_idx[b, q]) & (q_doc[b, q] == k_doc[b, kv])
+
+    return BlockMask.from_kv_blocks(*_ordered(partial), *_ordered(full), BLOCK_SIZE=block_size,
+                                    mask_mod=same_document_causal, seq_lengths=(sq, sk))
+
+
+def _refuse_cpu_training(q, k, v) -> None:
+    if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise RuntimeError("model.attn_impl=flex cannot train on CPU, context parallel or not: FlexAttention "
+                           "has no CPU backward in this torch; use model.attn_impl=sdpa (or auto), or run "
+                           "under torch.no_grad()")
+
+
+class AllGatherCore(nn.Module):
+    """CP attention core: all-gather K/V over the CP group, attend the local queries to the row
+    chunk by chunk with SDPA (:func:`chunked_document_attention`).
+
+    q [B, S_local, Hq, D], k/v [B, S_local, Hkv, D], docs -> [B, S_local, Hq, D]. Memory per layer:
+    the gathered K/V [B, S, Hkv, D] each (saved for backward), and one query chunk's mask at a
+    time. ``chunk_size``: queries per chunk; None = :func:`query_chunk_size` of the call.
+    """
+
+    def __init__(self, group: dist.ProcessGroup, dropout: float = 0.0, chunk_size: int | None = None):
+        super().__init__()
+        self.group, self.dropout, self.chunk_size = group, dropout, chunk_size
+
+    def forward(self, q, k, v, docs: ContextParallelLayout) -> torch.Tensor:
+        k_all, v_all = gather_sequence(k, self.group), gather_sequence(v, self.group)
+        dropout = self.dropout if self.training else 0.0
+        size = self.chunk_size or query_chunk_size(q.shape[0], k_all.shape[1], q.shape[2], q.dtype, dropout)
+        return chunked_document_attention(q, k_all, v_all, docs.token_index, docs.doc_ids, docs.key_index,
+                                          docs.key_doc_ids, docs.query_chunks(size), dropout)
+
+    def extra_repr(self) -> str:
+        return f"cp={dist.get_world_size(self.group)}, dropout={self.dropout}, chunk_size={self.chunk_size}"
+
+
+class FlexAllGatherCore(nn.Module):
+    """CP attention core on compiled ``flex_attention``: all-gather K/V, attend the local queries
+    (Q_LEN = S_local) to the row (KV_LEN = S) through the layout's :func:`cp_block_mask`.
+
+    Same interface as :class:`AllGatherCore`. No attention dropout; no backward on CPU (raises).
+    ``block_size`` (tokens) is flex's sparse block.
+    """
+
+    dropout = 0.0  # no attention dropout (read by apply_cp like the single-process cores')
+
+    def __init__(self, group: dist.ProcessGroup, block_size: int = BLOCK_SIZE):
+        super().__init__()
+        self.group, self.block_size = group, block_size
+
+    def forward(self, q, k, v, docs: ContextParallelLayout) -> torch.Tensor:
+        _refuse_cpu_training(q, k, v)
+        k_all, v_all = gather_sequence(k, self.group), gather_sequence(v, self.group)
+        out = compiled_flex_attention()(
+            q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2),
+            block_mask=docs.block_mask(self.block_size), enable_gqa=q.shape[2] != k.shape[2])
+        return out.transpose(1, 2)
+
+    def extra_repr(self) -> str:
+        return f"cp={dist.get_world_size(self.group)}, block_size={self.block_size}"
+
+
+class AutoAllGatherCore(nn.Module):
+    """``model.attn_impl=auto`` under CP: per call :class:`FlexAllGatherCore` where ``auto`` would
+    pick a GPU kernel (CUDA, no active dropout), else :class:`AllGatherCore`."""
+
+    def __init__(self, group: dist.ProcessGroup, dropout: float = 0.0):
+        super().__init__()
+        self.dropout = dropout
+        self.sdpa = AllGatherCore(group, dropout)
+        self.flex = FlexAllGatherCore(group)
+
+    def forward(self, q, k, v, docs: ContextParallelLayout) -> torch.Tensor:
+        impl = choose_attn_impl(q.device, q.dtype, self.training and self.dropout > 0)
+        return (self.sdpa if impl == "sdpa" else self.flex)(q, k, v, docs)
+
+    def extra_repr(self) -> str:
+        return f"dropout={self.dropout}"
+
+
+class RowOrderAttention(nn.Module):
+    """Ulysses' local attention: q/k/v [B, S, H / cp, D] of the whole row in CP rank order (what
+    the all-to-all delivers) -> row order, chunked document attention, -> rank order again."""
+
+    def __init__(self, cp: int, dropout: float = 0.0, chunk_size: int | None = None):
+        super().__init__()
+        self.cp, self.dropout, self.chunk_size = cp, dropout, chunk_size
+
+    def forward(self, q, k, v, docs: ContextParallelLayout) -> torch.Tensor:
+        q, k, v = (rank_to_row_order(list(t.chunk(self.cp, dim=1))) for t in (q, k, v))
+        dropout = self.dropout if self.training else 0.0
+        size = self.chunk_size or query_chunk_size(q.shape[0], k.shape[1], q.shape[2], q.dtype, dropout)
+        keys = (docs.key_index, docs.key_doc_ids)
+        out = chunked_document_attention(q, k, v, *keys, *keys, docs.row_chunks(size), dropout)
+        return row_to_rank_order(out, self.cp)
