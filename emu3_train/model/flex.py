@@ -79,6 +79,20 @@ def document_block_mask(doc_ids: torch.Tensor, block_size: int = BLOCK_SIZE) -> 
                                     mask_mod=same_document_causal, seq_lengths=(seq, seq))
 
 
+def flex_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
+    """q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] -> [B, Sq, Hq, D] with compiled flex attention.
+
+    Refuses to build a graph for backward on CPU (FlexAttention has no CPU backward in this torch).
+    """
+    if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise RuntimeError("model.attn_impl=flex cannot train on CPU, context parallel or not: FlexAttention "
+                           "has no CPU backward in this torch; use model.attn_impl=sdpa (or auto), or run "
+                           "under torch.no_grad()")
+    out = compiled_flex_attention()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                    block_mask=block_mask, enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2)
+
+
 class FlexCore(nn.Module):
     """Attention core on compiled ``flex_attention`` with the layout's document-causal BlockMask.
 
@@ -96,14 +110,7 @@ class FlexCore(nn.Module):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: DocumentLayout
     ) -> torch.Tensor:
-        if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-            raise RuntimeError("model.attn_impl=flex cannot train on CPU: FlexAttention has no CPU backward "
-                               "in this torch; use model.attn_impl=sdpa (or auto), or run under "
-                               "torch.no_grad()")
-        out = compiled_flex_attention()(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            block_mask=docs.block_mask(self.block_size), enable_gqa=q.shape[2] != k.shape[2])
-        return out.transpose(1, 2)
+        return flex_attend(q, k, v, docs.block_mask(self.block_size))
 
     def extra_repr(self) -> str:
         return f"block_size={self.block_size}"

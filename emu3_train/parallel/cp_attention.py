@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask
 
 from emu3_train.model.attention import choose_attn_impl, masked_sdpa
-from emu3_train.model.flex import BLOCK_SIZE, compiled_flex_attention
+from emu3_train.model.flex import BLOCK_SIZE, flex_attend
 from emu3_train.model.varlen import HALF_DTYPES
 
 if TYPE_CHECKING:
@@ -273,13 +273,6 @@ def cp_block_mask(q_index, q_docs, k_index, k_docs, block_size: int = 128) -> Bl
                                     mask_mod=same_document_causal, seq_lengths=(sq, sk))
 
 
-def _refuse_cpu_training(q, k, v) -> None:
-    if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        raise RuntimeError("model.attn_impl=flex cannot train on CPU, context parallel or not: FlexAttention "
-                           "has no CPU backward in this torch; use model.attn_impl=sdpa (or auto), or run "
-                           "under torch.no_grad()")
-
-
 class AllGatherCore(nn.Module):
     """CP attention core: all-gather K/V over the CP group, attend the local queries to the row
     chunk by chunk with SDPA (:func:`chunked_document_attention`).
@@ -319,12 +312,8 @@ class FlexAllGatherCore(nn.Module):
         self.group, self.block_size = group, block_size
 
     def forward(self, q, k, v, docs: ContextParallelLayout) -> torch.Tensor:
-        _refuse_cpu_training(q, k, v)
         k_all, v_all = gather_sequence(k, self.group), gather_sequence(v, self.group)
-        out = compiled_flex_attention()(
-            q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2),
-            block_mask=docs.block_mask(self.block_size), enable_gqa=q.shape[2] != k.shape[2])
-        return out.transpose(1, 2)
+        return flex_attend(q, k_all, v_all, docs.block_mask(self.block_size))
 
     def extra_repr(self) -> str:
         return f"cp={dist.get_world_size(self.group)}, block_size={self.block_size}"

@@ -5,23 +5,13 @@ from __future__ import annotations
 
 import pytest
 from harness import run_distributed
+from test_trainer_parallel import BASE as TRAINER_BASE
 
-from emu3_train.data_pipelines.demo import build_demo
 from emu3_train.recipes import compose
 from emu3_train.trainer import Trainer
 
-BASE = ["experiment=demo", "wandb.mode=disabled", "eval.task=none", "data.seq_len=128",
-        "model.num_layers=2", "model.hidden_size=64", "model.intermediate_size=128",
-        "data.global_batch_size=4", "trainer.max_steps=4", "checkpoint.async_save=false",
-        "trainer.sample_interval=1", "sample.per_prompt=1", "sample.max_caption_tokens=8",
+BASE = [*TRAINER_BASE, "trainer.sample_interval=1", "sample.per_prompt=1", "sample.max_caption_tokens=8",
         "sample.prompts=[a handwritten digit three,a handwritten digit seven]"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    build_demo(out)
-    return out / "train"
 
 
 def _sample(rank, world, data, run_dir, overrides):

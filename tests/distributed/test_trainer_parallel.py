@@ -10,7 +10,6 @@ import pytest
 import torch
 from harness import run_distributed
 
-from emu3_train.data_pipelines.demo import build_demo
 from emu3_train.recipes import compose
 from emu3_train.trainer import Trainer
 
@@ -18,13 +17,6 @@ BASE = ["experiment=demo", "wandb.mode=disabled", "eval.task=none", "data.seq_le
         "model.num_layers=2", "model.hidden_size=64", "model.intermediate_size=128",
         "data.global_batch_size=4", "optim.warmup_steps=1", "trainer.max_steps=6",
         "checkpoint.async_save=false"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    build_demo(out)
-    return out / "train"
 
 
 def _run(rank, world, data, run_dir, overrides, steps, save=False):
