@@ -196,18 +196,6 @@ class Emu3CausalLM(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.model.embed_tokens.weight.numel() if exclude_embedding else n
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token at row length ``seq_len`` (tokens): ``6 N + 12 L H S``.
-
-        N excludes the embedding lookup (the output head is a matmul and counts); the attention
-        term counts the full S x S score and value matmuls (PaLM / torchtitan convention; causal
-        and document masking make the true count smaller).
-        """
-        layers = len(self.model.layers)
-        attn = self.model.layers[0].self_attn if layers else None
-        width = attn.num_heads * attn.head_dim if attn is not None else 0
-        return 6.0 * self.num_params(exclude_embedding=True) + 12.0 * layers * width * seq_len
-
 
 def apply_recompute(model: nn.Module, mode: str) -> None:
     """Activation recompute pass: ``mode`` is ``model.recompute`` (none | full | selective).
