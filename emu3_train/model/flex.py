@@ -39,7 +39,7 @@ def compiled_flex_attention():
     return _compiled_flex
 
 
-def _ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def ordered_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """bool [B, Qb, Kb] -> (count int32 [B, 1, Qb], indices int32 [B, 1, Qb, Kb]) as BlockMask wants:
     the key blocks set in each query block row first, in increasing order."""
     counts = blocks.sum(-1, dtype=torch.int32)
@@ -75,7 +75,7 @@ def document_block_mask(doc_ids: torch.Tensor, block_size: int = BLOCK_SIZE) -> 
     def same_document_causal(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (padded[b, q_idx] == padded[b, kv_idx])
 
-    return BlockMask.from_kv_blocks(*_ordered(partial), *_ordered(full), BLOCK_SIZE=block_size,
+    return BlockMask.from_kv_blocks(*ordered_blocks(partial), *ordered_blocks(full), BLOCK_SIZE=block_size,
                                     mask_mod=same_document_causal, seq_lengths=(seq, seq))
 
 

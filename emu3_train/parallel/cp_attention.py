@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask
 
 from emu3_train.model.attention import choose_attn_impl, masked_sdpa
-from emu3_train.model.flex import BLOCK_SIZE, flex_attend
+from emu3_train.model.flex import BLOCK_SIZE, flex_attend, ordered_blocks
 from emu3_train.model.varlen import HALF_DTYPES
 
 if TYPE_CHECKING:
@@ -227,13 +227,6 @@ def _block_ranges(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tens
     return x.amin(-1), x.amax(-1)
 
 
-def _ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """bool [B, Qb, Kb] -> (count int32 [B, 1, Qb], indices int32 [B, 1, Qb, Kb]), set blocks first."""
-    counts = blocks.sum(-1, dtype=torch.int32)
-    order = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True)
-    return counts.unsqueeze(1), order.to(torch.int32).unsqueeze(1)
-
-
 def cp_block_mask(q_index, q_docs, k_index, k_docs, block_size: int = 128) -> BlockMask:
     """The mask of :func:`document_causal_mask` as a flex BlockMask, Q_LEN = Sq, KV_LEN = Sk.
 
@@ -269,7 +262,7 @@ def cp_block_mask(q_index, q_docs, k_index, k_docs, block_size: int = 128) -> Bl
     def same_document_causal(b, h, q, kv):
         return (k_idx[b, kv] <= q_idx[b, q]) & (q_doc[b, q] == k_doc[b, kv])
 
-    return BlockMask.from_kv_blocks(*_ordered(partial), *_ordered(full), BLOCK_SIZE=block_size,
+    return BlockMask.from_kv_blocks(*ordered_blocks(partial), *ordered_blocks(full), BLOCK_SIZE=block_size,
                                     mask_mod=same_document_causal, seq_lengths=(sq, sk))
 
 
