@@ -29,4 +29,6 @@ export PYTHONUNBUFFERED=1
   echo "== training step, emu3_1b, 5,120 tokens"
   "$PY" benchmarks/train_step.py --device cuda --model emu3_1b --seq-len 5120 --doc-len 1024 \
     --precision bf16 --recompute selective --impls sdpa,flex,varlen
+  "$PY" benchmarks/train_step.py --device cuda --model emu3_1b --seq-len 5120 --doc-len 1024 \
+    --precision bf16 --recompute selective --impls flex,varlen --compile
 } 2>&1 | tee "$OUT/gpu_check.log"

@@ -12,7 +12,7 @@ RSS), and time per step (median of ``--steps`` after ``--warmup``).
 
     python benchmarks/train_step.py                          # CPU smoke run: tiny model, 1,024 tokens
     python benchmarks/train_step.py --device cuda --model emu3_1b --seq-len 5120 --precision bf16 \\
-        --impls sdpa,flex,varlen --recompute selective      # the README's single-GPU MFU row
+        --impls sdpa,flex,varlen --recompute selective --compile   # the README's single-GPU MFU row
 
 Ends with one JSON line: {"<impl>_tokens_per_s", "<impl>_mfu", "<impl>_peak_gb", "<impl>_s",
 "<impl>_speedup" (vs sdpa), "device", ...}.
@@ -57,13 +57,14 @@ def synthetic_batch(rows: int, seq_len: int, doc_len: int, vocab, seed: int = 0)
 def worker(args) -> dict:
     from emu3_train.flops import peak_flops, step_flops, total_params
     from emu3_train.metrics import doc_lengths
-    from emu3_train.model.decoder import Emu3CausalLM
+    from emu3_train.model.decoder import Emu3CausalLM, apply_compile, apply_recompute
     from emu3_train.optim import build_optimizer
     from emu3_train.recipes import compose
     from emu3_train.step import StepContext, clip_grad_norm, forward_backward
     from emu3_train.vocab import get_vocab
 
     cfg = compose([f"model={args.model}", "data.path=/unused", f"model.attn_impl={args.impl}",
+                   f"trainer.compile={str(args.compile).lower()}",
                    "model.attention_dropout=0", f"model.recompute={args.recompute}",
                    f"data.vocab={'demo' if args.model == 'tiny' else 'emu3'}"])
     vocab = get_vocab(cfg.data.vocab)
@@ -71,6 +72,9 @@ def worker(args) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = Emu3CausalLM(cfg.model, vocab_size).to(device)
+    apply_recompute(model, cfg.model.recompute)
+    if cfg.trainer.compile:
+        apply_compile(model)
     optimizer = build_optimizer(model, cfg.optim)
     batch = synthetic_batch(args.micro, args.seq_len, args.doc_len, vocab)
     ctx = StepContext(device=device, bf16=args.precision == "bf16", vision_start=vocab.vision_start)
@@ -103,7 +107,8 @@ def run_in_subprocess(impl: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, "--model", args.model,
            "--device", args.device, "--seq-len", str(args.seq_len), "--micro", str(args.micro),
            "--doc-len", str(args.doc_len), "--precision", args.precision, "--recompute", args.recompute,
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--peak-tflops", str(args.peak_tflops)]
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--peak-tflops", str(args.peak_tflops),
+           *(["--compile"] if args.compile else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]}
@@ -122,6 +127,7 @@ def main() -> None:
     parser.add_argument("--impls", default="sdpa", help=f"comma-separated subset of {','.join(IMPLS)}")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median taken)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each decoder block")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="peak per device; 0 = by name")
     parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -131,7 +137,8 @@ def main() -> None:
         return
 
     print(f"model={args.model} {args.micro} x {args.seq_len} tokens (documents ~{args.doc_len}), "
-          f"{args.precision}, recompute {args.recompute}, on {args.device}, median of {args.steps} steps")
+          f"{args.precision}, recompute {args.recompute}{', compiled' if args.compile else ''}, on "
+          f"{args.device}, median of {args.steps} steps")
     print(f"{'impl':<8} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak GB':>8} {'s/step':>7} "
           f"{'speedup':>8}")
     summary, base = {"model": args.model, "seq_len": args.seq_len}, None

@@ -100,6 +100,7 @@ class TrainerConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     device: str = "auto"  # auto (cuda if present) | cpu | cuda
     threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
+    compile: bool = False  # torch.compile each decoder block (after recompute, before FSDP2)
     max_bad_steps: int = 5  # consecutive non-finite steps before training halts
     spike_factor: float = 0.0  # log a warning when loss > spike_factor x running mean; 0 = off
     sample_interval: int = 0  # steps between in-run samples (sample.*: images + a caption); 0 = off

@@ -212,3 +212,14 @@ def apply_recompute(model: nn.Module, mode: str) -> None:
     if not isinstance(decoder, Decoder):
         raise TypeError(f"apply_recompute expects Emu3CausalLM or Decoder, got {type(model).__name__}")
     decoder.recompute = mode
+
+
+def apply_compile(model: nn.Module) -> None:
+    """``torch.compile`` pass: each decoder layer is compiled in place (``nn.Module.compile``), as
+    torchtitan does per block, so parameter names, recompute (which wraps the compiled layer) and
+    FSDP2 (applied after, per layer) are unchanged. Shapes are static for a recipe (``seq_len``,
+    micro-batch), so each layer compiles once, plus once more for the layer that first builds the
+    step's shared attention mask."""
+    decoder = model.model if isinstance(model, Emu3CausalLM) else model
+    for layer in decoder.layers:
+        layer.compile()
