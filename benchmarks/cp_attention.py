@@ -33,11 +33,10 @@ import gc
 import json
 import os
 import resource
-import subprocess
-import sys
 import time
 
 import torch
+from _worker import run_worker
 
 from emu3_train.parallel.context_parallel import cp_positions
 from emu3_train.parallel.cp_attention import (
@@ -127,18 +126,6 @@ def worker(args) -> dict:
             "all_s": [round(t, 3) for t in times], **info}
 
 
-def run_in_subprocess(impl: str, seq: int, args) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, "--seq-len", str(seq),
-           "--cp", str(args.cp), "--rank", str(args.rank), "--batch", str(args.batch), "--heads",
-           str(args.heads), "--kv-heads", str(args.kv_heads), "--head-dim", str(args.head_dim),
-           "--max-doc", str(args.max_doc), "--repeats", str(args.repeats), "--chunk-size",
-           str(args.chunk_size)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        return {"error": (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seq-lens", default="8192,16384", help="comma-separated row lengths S (tokens)")
@@ -165,7 +152,7 @@ def main() -> None:
     print(f"{'S':>7} {'impl':<8} {'saved GB':>9} {'peak GB':>8} {'time s':>7} "
           f"{'saved/dense':>11} {'peak/dense':>10} {'time/dense':>10}")
     for seq in (int(s) for s in args.seq_lens.split(",")):
-        results = {impl: run_in_subprocess(impl, seq, args) for impl in IMPLS}
+        results = {impl: run_worker(__file__, impl, "--seq-len", str(seq)) for impl in IMPLS}
         base = results["dense"]
         summary = {"seq_len": seq, "cp": args.cp, "local_queries": seq // args.cp}
         for impl, res in results.items():

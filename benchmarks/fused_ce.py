@@ -33,12 +33,11 @@ import gc
 import json
 import os
 import resource
-import subprocess
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
+from _worker import run_worker
 
 IMPLS = ("naive", "reference", "triton", "liger")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -111,16 +110,6 @@ def worker(args) -> dict:
     return {"peak_gb": peak / 1e9, "s": min(times), "all_s": [round(t, 3) for t in times]}
 
 
-def run_in_subprocess(impl: str, args) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, "--n", str(args.n), "--h",
-           str(args.h), "--v", str(args.v), "--dtype", args.dtype, "--device", args.device,
-           "--repeats", str(args.repeats), "--chunk-size", str(args.chunk_size)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        return {"error": (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=4096, help="tokens")
@@ -154,7 +143,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, best of {args.repeats}")
     print(f"{'impl':<10} {'peak GB':>9} {'time s':>9} {'mem/naive':>10} {'time/naive':>11}")
     for impl in impls:
-        res = results[impl] = run_in_subprocess(impl, args)
+        res = results[impl] = run_worker(__file__, impl)
         if "error" in res:
             print(f"{impl:<10} failed: {res['error']}")
             continue

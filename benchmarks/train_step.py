@@ -22,15 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
-import subprocess
-import sys
 import time
 
 import numpy as np
 import torch
+from _worker import run_worker
 
 IMPLS = ("sdpa", "flex", "varlen", "auto")
 
@@ -103,18 +101,6 @@ def worker(args) -> dict:
             "params": total_params(cfg.model, vocab_size)}
 
 
-def run_in_subprocess(impl: str, args) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, "--model", args.model,
-           "--device", args.device, "--seq-len", str(args.seq_len), "--micro", str(args.micro),
-           "--doc-len", str(args.doc_len), "--precision", args.precision, "--recompute", args.recompute,
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--peak-tflops", str(args.peak_tflops),
-           *(["--compile"] if args.compile else [])]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        return {"error": (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="tiny", help="recipes/model/<name>.yaml (tiny, emu3_1b, emu3_8b)")
@@ -143,7 +129,7 @@ def main() -> None:
           f"{'speedup':>8}")
     summary, base = {"model": args.model, "seq_len": args.seq_len}, None
     for impl in args.impls.split(","):
-        r = run_in_subprocess(impl, args)
+        r = run_worker(__file__, impl)
         if "error" in r:
             print(f"{impl:<8} failed: {r['error']}")
             continue
