@@ -36,7 +36,7 @@ import resource
 import time
 
 import torch
-from _worker import run_worker
+from _worker import parse_or_serve, run_worker
 
 from emu3_train.parallel.context_parallel import cp_positions
 from emu3_train.parallel.cp_attention import (
@@ -139,12 +139,8 @@ def main() -> None:
     parser.add_argument("--max-doc", type=int, default=4096, help="longest document (tokens)")
     parser.add_argument("--repeats", type=int, default=2, help="timed steps per implementation (best taken)")
     parser.add_argument("--chunk-size", type=int, default=0, help="queries per chunk; 0 = the 64 MiB budget")
-    parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-
-    if args.worker:
-        args.impl = args.worker
-        print(json.dumps(worker(args)))
+    args = parse_or_serve(parser, IMPLS, worker)
+    if args is None:  # this process was one implementation's worker
         return
 
     print(f"cp={args.cp} rank={args.rank} B={args.batch} Hq={args.heads} Hkv={args.kv_heads} "

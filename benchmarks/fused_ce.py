@@ -37,7 +37,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _worker import run_worker
+from _worker import parse_or_serve, run_worker
 
 IMPLS = ("naive", "reference", "triton", "liger")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -122,12 +122,8 @@ def main() -> None:
                              "cuda all)")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per implementation (best taken)")
     parser.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk of the reference")
-    parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-
-    if args.worker:
-        args.impl = args.worker
-        print(json.dumps(worker(args)))
+    args = parse_or_serve(parser, IMPLS, worker)
+    if args is None:  # this process was one implementation's worker
         return
 
     impls = (args.impls.split(",") if args.impls

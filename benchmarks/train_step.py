@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 import torch
-from _worker import run_worker
+from _worker import parse_or_serve, run_worker
 
 IMPLS = ("sdpa", "flex", "varlen", "auto")
 
@@ -115,11 +115,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each decoder block")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="peak per device; 0 = by name")
-    parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        args.impl = args.worker
-        print(json.dumps(worker(args)))
+    args = parse_or_serve(parser, IMPLS, worker)
+    if args is None:  # this process was one implementation's worker
         return
 
     print(f"model={args.model} {args.micro} x {args.seq_len} tokens (documents ~{args.doc_len}), "
