@@ -20,6 +20,7 @@ import torch
 from emu3_train.config import EvalConfig
 from emu3_train.data.stream import ShardSet
 from emu3_train.layout import parse_vision_block, vision_spans
+from emu3_train.samples import CodeRenderer
 from emu3_train.sampling import caption_images, generate_images
 from emu3_train.tokenizer import load_tokenizer
 from emu3_train.vocab import Vocab
@@ -59,6 +60,7 @@ def save_grid(codes: np.ndarray, max_level: int, path: Path, scale: int = 8) -> 
     from PIL import Image, ImageDraw
 
     rows, cols, h, w = codes.shape
+    tiles = CodeRenderer(max_level + 1, scale=scale)(codes.reshape(rows * cols, h, w))[..., 0]
     cell, gap, margin = h * scale, 4, 24
     canvas = Image.new("L", (margin + cols * (cell + gap), rows * (cell + gap) + gap), 255)
     draw = ImageDraw.Draw(canvas)
@@ -66,9 +68,7 @@ def save_grid(codes: np.ndarray, max_level: int, path: Path, scale: int = 8) -> 
         y = gap + r * (cell + gap)
         draw.text((6, y + cell // 2 - 6), str(r), fill=0)
         for c in range(cols):
-            pixels = (255 - codes[r, c] * 255 // max_level).astype(np.uint8)
-            tile = Image.fromarray(pixels, mode="L").resize((w * scale, h * scale), Image.NEAREST)
-            canvas.paste(tile, (margin + c * (cell + gap), y))
+            canvas.paste(Image.fromarray(tiles[r * cols + c], mode="L"), (margin + c * (cell + gap), y))
     canvas.save(path)
 
 

@@ -80,9 +80,8 @@ class Trainer:
         self.vocab_size = cfg.model.vocab_size or self.vocab.size
         self.model = Emu3CausalLM(cfg.model, self.vocab_size).to(self.device)
         self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "ckpt")
-        resuming = bool(cfg.checkpoint.resume) and (cfg.checkpoint.resume != "latest"
-                                                    or (self.ckpt_dir / "latest").is_file())
-        if cfg.checkpoint.init_from and not resuming:  # a requeued job resumes instead
+        resume_from = self._resume_source(cfg.checkpoint.resume)
+        if cfg.checkpoint.init_from and resume_from is None:  # a requeued job resumes instead
             load_weights(cfg.checkpoint.init_from, self.model)
         parallelize(self.model, self.dims, self.mesh, cfg)
         self.step_ctx = self._step_context()
@@ -104,8 +103,8 @@ class Trainer:
         self.step, self.tokens_seen, self.bad_steps = 0, 0, 0
         self.loss_mean: float | None = None  # running mean for spike detection
         self.stop_signal: str | None = None
-        if cfg.checkpoint.resume:
-            self._resume(cfg.checkpoint.resume)
+        if resume_from is not None:
+            self._resume(resume_from)
         self.logger = MetricLogger(cfg.wandb, self.run_dir, cfg.run_name, asdict(cfg), self.is_rank0)
         if self.is_rank0:
             n = sum(p.numel() for p in self.model.parameters())
@@ -159,12 +158,21 @@ class Trainer:
             ctx.extra_inputs = CP_EXTRA_INPUTS
         return ctx
 
-    def _resume(self, where: str) -> None:
-        path = self.ckpt_dir if where == "latest" else Path(where)
-        if where == "latest" and not (path / "latest").is_file():
-            if self.is_rank0:
-                print(f"checkpoint.resume=latest: no checkpoint in {path} yet; starting fresh", flush=True)
-            return
+    def _resume_source(self, where: str | None) -> Path | None:
+        """What ``checkpoint.resume`` resumes from: a PATH, the run's own checkpoints for ``latest``
+        (None, and a fresh start, until the run has one), or None when not resuming."""
+        if not where:
+            return None
+        if where != "latest":
+            return Path(where)
+        if (self.ckpt_dir / "latest").is_file():
+            return self.ckpt_dir
+        if self.is_rank0:
+            print(f"checkpoint.resume=latest: no checkpoint in {self.ckpt_dir} yet; starting fresh",
+                  flush=True)
+        return None
+
+    def _resume(self, path: Path) -> None:
         meta = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
         self.loader.load_state_dict(meta["loader"])
         self.step, self.tokens_seen = int(meta["step"]), int(meta["tokens_seen"]) // self.dp

@@ -197,6 +197,14 @@ class Emu3CausalLM(nn.Module):
         return n - self.model.embed_tokens.weight.numel() if exclude_embedding else n
 
 
+def _decoder_of(model: nn.Module, caller: str) -> Decoder:
+    """The :class:`Decoder` of an :class:`Emu3CausalLM` (or the decoder itself) a pass applies to."""
+    decoder = model.model if isinstance(model, Emu3CausalLM) else model
+    if not isinstance(decoder, Decoder):
+        raise TypeError(f"{caller} expects Emu3CausalLM or Decoder, got {type(model).__name__}")
+    return decoder
+
+
 def apply_recompute(model: nn.Module, mode: str) -> None:
     """Activation recompute pass: ``mode`` is ``model.recompute`` (none | full | selective).
 
@@ -208,10 +216,7 @@ def apply_recompute(model: nn.Module, mode: str) -> None:
     """
     if mode not in RECOMPUTE_MODES:
         raise ConfigError(f"model.recompute={mode!r} is not supported; choose one of {RECOMPUTE_MODES}")
-    decoder = model.model if isinstance(model, Emu3CausalLM) else model
-    if not isinstance(decoder, Decoder):
-        raise TypeError(f"apply_recompute expects Emu3CausalLM or Decoder, got {type(model).__name__}")
-    decoder.recompute = mode
+    _decoder_of(model, "apply_recompute").recompute = mode
 
 
 def apply_compile(model: nn.Module) -> None:
@@ -220,6 +225,5 @@ def apply_compile(model: nn.Module) -> None:
     FSDP2 (applied after, per layer) are unchanged. Shapes are static for a recipe (``seq_len``,
     micro-batch), so each layer compiles once, plus once more for the layer that first builds the
     step's shared attention mask."""
-    decoder = model.model if isinstance(model, Emu3CausalLM) else model
-    for layer in decoder.layers:
+    for layer in _decoder_of(model, "apply_compile").layers:
         layer.compile()
