@@ -73,7 +73,7 @@ pretrain-stage2: install $(STAGE1_DEPS)
 	$(LAUNCH) $(STAGE2_ARGS) $(EXTRA)
 
 bench: install
-	@for f in benchmarks/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+	@for f in benchmarks/[!_]*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
 lint: install
 	$(VENV)/bin/ruff check .
