@@ -10,8 +10,13 @@
 A checkpoint is written into ``.tmp_step_N`` and renamed into place only when every shard is on
 disk, so a crash (even ``kill -9``) mid-save never leaves a directory that ``latest`` or a reader
 could take for complete. With ``async_save`` the shards are written by a background thread from a
-staged copy while training goes on; the next save (or :meth:`CheckpointManager.wait`) finishes the
-previous one first. Retention keeps the newest ``keep_last`` plus every ``keep_every``-th step.
+staged copy while training goes on, and the checkpoint is published (renamed, ``latest`` updated)
+the moment it is complete: DCP's coordinator (rank 0 of the writer group) writes ``.metadata``
+only after every rank's shards are written, so rank 0's upload future completing means the whole
+checkpoint is on disk, and a callback on that future publishes it from the writer thread. A crash
+at any point after that resumes from it; a crash during the write resumes from the previous one.
+The next save (or :meth:`CheckpointManager.wait`) still waits for a pending one first. Retention
+keeps the newest ``keep_last`` plus every ``keep_every``-th step.
 """
 
 from __future__ import annotations
@@ -22,7 +27,10 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -89,14 +97,20 @@ def _quiet(fn, *args, **kwargs):
 
 
 class CheckpointManager:
-    """Saves checkpoints of one run into ``ckpt_dir``; every rank calls :meth:`save` together."""
+    """Saves checkpoints of one run into ``ckpt_dir``; every rank calls :meth:`save` together.
+
+    ``on_durable(path, seconds)`` is called on rank 0 once a checkpoint is published (from the
+    background writer thread for async saves): ``seconds`` from the start of the save.
+    """
 
     def __init__(self, ckpt_dir: str | os.PathLike, *, async_save: bool = False, keep_last: int = 0,
-                 keep_every: int = 0, is_rank0: bool = True):
+                 keep_every: int = 0, is_rank0: bool = True,
+                 on_durable: Callable[[Path, float], None] | None = None):
         self.dir = Path(ckpt_dir)
         self.async_save, self.keep_last, self.keep_every = async_save, keep_last, keep_every
         self.is_rank0 = is_rank0
-        self._pending = None  # (future, tmp, final)
+        self.on_durable = on_durable
+        self._pending = None  # (future, published event, holder of the publishing error)
         # background writes must not share a process group with the training collectives
         self._group = dist.new_group(backend="gloo") if _world() > 1 else None
 
@@ -104,6 +118,7 @@ class CheckpointManager:
              tokens_seen: int, kill_after_launch: bool = False) -> Path:
         """Start writing ``step_{step:06d}``; returns its final path (complete after :meth:`wait`)."""
         self.wait()
+        t0 = time.perf_counter()
         final, tmp = self.dir / f"step_{step:06d}", self.dir / f".tmp_step_{step:06d}"
         if self.is_rank0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -117,34 +132,56 @@ class CheckpointManager:
             _write_json(tmp / "loader.json", loader_state)
             _write_json(tmp / "meta.json", {
                 "step": step, "tokens_seen": tokens_seen, "config": config, "git_sha": _git_sha(),
-                    "versions": _versions(), "world_size": _world(),
+                "versions": _versions(), "world_size": _world(),
             })
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         if self.async_save:
+            # Each rank wrote its side files above before its shards: rank 0's future completes
+            # after DCP's coordinator gathered every rank's write and wrote .metadata, so by then
+            # nothing of this checkpoint is left to write.
             future = _quiet(dcp.async_save, state, checkpoint_id=str(tmp), process_group=self._group)
-            self._pending = (future, tmp, final)
+            published, error = threading.Event(), []
+            self._pending = (future, published, error)
+            if self.is_rank0:
+                future.add_done_callback(lambda f: self._publish_when_done(f, tmp, final, t0, published,
+                                                                           error))
+            else:
+                published.set()
             if kill_after_launch:  # fault-injection hook: die while shards are being written
                 os.kill(os.getpid(), signal.SIGKILL)
         else:
             _quiet(dcp.save, state, checkpoint_id=str(tmp), process_group=self._group)
             _barrier()
-            self._finalize(tmp, final)
+            if self.is_rank0:
+                self._publish(tmp, final, t0)
+            _barrier()  # no rank reads `latest` before it is written
         return final
 
-    def wait(self) -> None:
-        """Block until the pending background save is on disk (on every rank), then publish it."""
-        if self._pending is not None:
-            future, tmp, final = self._pending
-            self._pending = None
-            future.result()
-            _barrier()
-            self._finalize(tmp, final)
+    def _publish_when_done(self, future, tmp: Path, final: Path, t0: float, published: threading.Event,
+                           error: list) -> None:
+        """Done-callback of rank 0's async save (writer thread): publish unless the write failed."""
+        try:
+            if future.exception() is None:
+                self._publish(tmp, final, t0)
+        except BaseException as e:  # noqa: BLE001 - re-raised by wait() on the training thread
+            error.append(e)
+        finally:
+            published.set()
 
-    def _finalize(self, tmp: Path, final: Path) -> None:
-        if not self.is_rank0:
-            _barrier()
-            return
+    def wait(self) -> None:
+        """Block until the pending background save is on disk and published (on every rank)."""
+        if self._pending is not None:
+            future, published, error = self._pending
+            self._pending = None
+            future.result()  # re-raises a failed write
+            published.wait()
+            if error:
+                raise error[0]
+            _barrier()  # every rank sees the published checkpoint before going on
+
+    def _publish(self, tmp: Path, final: Path, t0: float) -> None:
+        """Rank 0: rename the complete ``tmp`` into place, then point ``latest`` at it, then prune."""
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -152,7 +189,8 @@ class CheckpointManager:
         latest_tmp.write_text(final.name + "\n")
         os.replace(latest_tmp, self.dir / "latest")
         self._prune()
-        _barrier()  # no rank reads `latest` before it is written
+        if self.on_durable is not None:
+            self.on_durable(final, time.perf_counter() - t0)
 
     def _prune(self) -> None:
         steps = sorted(int(m.group(1)) for p in self.dir.iterdir() if (m := _STEP_DIR.match(p.name)))

@@ -99,7 +99,7 @@ class Trainer:
             prefetch=cfg.data.prefetch, on_bad_sample=cfg.data.on_bad_sample, tasks=cfg.data.tasks)
         self.checkpoints = CheckpointManager(
             self.ckpt_dir, async_save=cfg.checkpoint.async_save, keep_last=cfg.checkpoint.keep_last,
-            keep_every=cfg.checkpoint.keep_every, is_rank0=self.is_rank0)
+            keep_every=cfg.checkpoint.keep_every, is_rank0=self.is_rank0, on_durable=self._on_durable)
         self.step, self.tokens_seen, self.bad_steps = 0, 0, 0
         self.loss_mean: float | None = None  # running mean for spike detection
         self.stop_signal: str | None = None
@@ -311,6 +311,12 @@ class Trainer:
             named_collective("all_reduce(data/skipped) over 'dp'", torch.distributed.all_reduce, bad,
                              group=self.mesh["dp"].get_group())
         return float(stats.get("skipped", 0)) - float(stats.get("skipped_bad", 0)) + float(bad)
+
+    def _on_durable(self, path: Path, seconds: float) -> None:
+        """Rank 0, when a checkpoint is complete and published (writer thread for async saves)."""
+        tqdm.write(f"checkpoint {path.name} durable ({seconds:.1f} s after the save started); "
+                   f"resume with checkpoint.resume=latest")
+        sys.stdout.flush()
 
     def save(self, wait: bool = False) -> Path:
         """Checkpoint the current step (in the background with ``checkpoint.async_save``)."""

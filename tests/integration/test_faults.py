@@ -45,6 +45,37 @@ def test_kill_9_during_async_save_resumes_from_previous(demo_data, tmp_path):
 
 
 @pytest.mark.slow
+def test_kill_9_after_async_save_completes_resumes_from_it(demo_data, tmp_path):
+    """A finished background save is published at once, not at the next save: kill -9 right after
+    the trainer reports one durable and resume from it (before, ``ckpt/`` held only
+    ``.tmp_step_000005`` until the next save started, and the resume started from scratch)."""
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": ""}
+    proc = subprocess.Popen(_cmd(demo_data, tmp_path, "trainer.max_steps=40", "checkpoint.interval=5",
+                                 "checkpoint.async_save=true"),
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    durable = None
+    try:
+        for line in proc.stdout:
+            if line.startswith("checkpoint step_") and " durable " in line:
+                durable = line.split()[1]
+                break
+    finally:
+        proc.kill()  # kill -9, at most a step or two after the save completed
+        _, err = proc.communicate(timeout=60)
+    assert durable is not None, err[-2000:]
+    ckpt = tmp_path / "f" / "ckpt"
+    latest = (ckpt / "latest").read_text().strip()
+    assert latest >= durable and (ckpt / latest / ".metadata").is_file()  # a next save may have begun
+    step = int(latest.split("_")[1])
+
+    proc = _run(_cmd(demo_data, tmp_path, f"trainer.max_steps={step + 2}", "checkpoint.interval=5",
+                     "checkpoint.resume=latest"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"{latest} at step {step}" in proc.stdout
+    assert f"step {step + 1}/{step + 2}" in proc.stdout and f"step {step}/{step + 2}" not in proc.stdout
+
+
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_zero(demo_data, tmp_path):
     env = {**os.environ, "TIKTOKEN_CACHE_DIR": ""}
     proc = subprocess.Popen(_cmd(demo_data, tmp_path, "trainer.max_steps=100000"), cwd=REPO, env=env,
