@@ -3,11 +3,15 @@
     python -m emu3_train.planner +experiment=stage1 model=emu3_8b parallel.tp=4 --gpus 64 --gpu h100
     python -m emu3_train.planner experiment=stage2 model=emu3_8b parallel.cp=8 --gpus 64 --gpu h200 --json
     python -m emu3_train.planner experiment=demo --gpus 1 --gpu cpu
+    python -m emu3_train.planner experiment=stage1 model=emu3_8b --gpus 8 --gpu mi300x \
+        --peak-tflops 1307 --gpu-mem-gib 191.5       # a GPU the tables do not list
 
-Takes the same Hydra overrides as ``python -m emu3_train.train`` (``data.path`` is not needed) and
-validates the layout like training does (a bad one exits 2 naming the field). Prints parameters,
-memory per GPU by part (``emu3_train/planner_memory.py`` states the memory model), whether it fits,
-and tokens/s/GPU and MFU for an assumed efficiency range.
+Takes the same Hydra overrides as ``python -m emu3_train.train``, before, after or between its
+flags (``data.path`` and ``checkpoint.init_from`` are not needed), and validates the layout like
+training does. Prints parameters, memory per GPU by part (``emu3_train/planner_memory.py`` states
+the memory model), whether it fits, and tokens/s/GPU and MFU for an assumed efficiency range.
+Exit status: 0 it fits (or no capacity to compare: ``--gpu cpu``), 1 it does not fit, 2 a config
+or command-line error (one line naming the field, or the known GPUs for an unknown ``--gpu``).
 
 Throughput: tokens/s/GPU = peak FLOP/s × efficiency / training FLOPs per token, with FLOPs from
 ``emu3_train/flops.py`` (6·N_dense + causal attention). The attention term assumes documents of
@@ -26,9 +30,16 @@ import json
 import sys
 
 from emu3_train.config import ConfigError, TrainConfig, validate
-from emu3_train.flops import peak_flops, step_flops
+from emu3_train.flops import PEAK_FLOPS, peak_flops, step_flops
 from emu3_train.parallel.dims import ParallelDims
-from emu3_train.planner_memory import CUDA_OVERHEAD_GIB, GIB, Memory, estimate_memory, gpu_memory_gib
+from emu3_train.planner_memory import (
+    CUDA_OVERHEAD_GIB,
+    GIB,
+    GPU_MEMORY_GIB,
+    Memory,
+    estimate_memory,
+    gpu_memory_gib,
+)
 
 DEFAULT_EFFICIENCY = (0.30, 0.40)
 _DEFAULTS_GROUPS = ("model", "data", "parallel", "experiment")  # train.yaml's defaults list
@@ -43,16 +54,39 @@ def tokens_per_s_per_gpu(cfg: TrainConfig, vocab_size: int, peak: float, efficie
     return peak * efficiency / (step_flops(cfg.model, vocab_size, docs) / seq)
 
 
+def known_gpus() -> list[str]:
+    """GPU names with both a peak FLOP/s (``flops.py``) and a capacity (``planner_memory.py``)."""
+    return sorted(set(PEAK_FLOPS) & set(GPU_MEMORY_GIB))
+
+
+def check_gpu(gpu: str, peak_tflops: float | None = None, capacity_gib: float | None = None) -> str | None:
+    """None if ``gpu`` can be planned for (listed, ``cpu``, or its missing numbers given), else the
+    one-line reason naming the known GPUs and the flags that would stand in for the tables."""
+    if gpu.lower() == "cpu":
+        return None
+    missing = [flag for flag, known in (("--peak-tflops", peak_tflops or peak_flops(gpu)),
+                                        ("--gpu-mem-gib", capacity_gib or gpu_memory_gib(gpu))) if not known]
+    if not missing:
+        return None
+    return (f"--gpu {gpu!r} is not a known GPU (known: {', '.join(known_gpus())}, cpu); "
+            f"for another GPU give {' and '.join(missing)}")
+
+
 def plan(cfg: TrainConfig, world_size: int, gpu: str, vocab_size: int,
-         efficiency: tuple[float, float] = DEFAULT_EFFICIENCY, doc_len: int | None = None) -> dict:
-    """The whole estimate as a JSON-able dict (what ``--json`` prints)."""
+         efficiency: tuple[float, float] = DEFAULT_EFFICIENCY, doc_len: int | None = None,
+         peak_tflops: float | None = None, capacity_gib: float | None = None) -> dict:
+    """The whole estimate as a JSON-able dict (what ``--json`` prints).
+
+    ``peak_tflops`` (dense, at ``trainer.precision``) and ``capacity_gib`` replace the tables'
+    numbers for ``gpu`` (needed for a GPU they do not list).
+    """
     validate(cfg, world_size, vocab_size)
     dims = ParallelDims.from_config(cfg, world_size)
     on_gpu = gpu.lower() != "cpu"
     mem: Memory = estimate_memory(cfg, dims, vocab_size, on_gpu)
     precision = cfg.trainer.precision
-    peak = peak_flops(gpu, precision) if on_gpu else None
-    capacity = gpu_memory_gib(gpu) if on_gpu else None
+    peak = (peak_tflops * 1e12 if peak_tflops else peak_flops(gpu, precision)) if on_gpu else None
+    capacity = (capacity_gib or gpu_memory_gib(gpu)) if on_gpu else None
     seq = cfg.data.seq_len
     doc = min(doc_len or seq, seq)
     result = {
@@ -147,8 +181,10 @@ def _compose(overrides: list[str]) -> TrainConfig:
         key = o.split("=", 1)[0]
         # "+experiment=stage1" adds to a group already in train.yaml's defaults: same as experiment=
         fixed.append(o[1:] if o.startswith("+") and key[1:] in _DEFAULTS_GROUPS else o)
-    if not any(o.split("=", 1)[0].lstrip("+") == "data.path" for o in fixed):
-        fixed.append("data.path=/unused-by-the-planner")
+    # fields training needs and the planner never reads (stage 2 requires init_from)
+    for key in ("data.path", "checkpoint.init_from"):
+        if not any(o.split("=", 1)[0].lstrip("+") == key for o in fixed):
+            fixed.append(f"{key}=/unused-by-the-planner")
     return compose(fixed)
 
 
@@ -160,13 +196,25 @@ def main(argv: list[str] | None = None) -> int:
                "--gpus 64 --gpu h100")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=stage1 model=emu3_8b")
     parser.add_argument("--gpus", type=int, default=1, help="world size (processes / GPUs)")
-    parser.add_argument("--gpu", default="h100", help="h100 | h200 | a100 | b200 | ... | cpu")
+    parser.add_argument("--gpu", default="h100",
+                        help=f"{' | '.join(known_gpus())} | cpu (another name: give --peak-tflops "
+                             "and --gpu-mem-gib)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="dense peak TFLOP/s of one GPU at trainer.precision (replaces the table's)")
+    parser.add_argument("--gpu-mem-gib", type=float, default=None,
+                        help="usable memory of one GPU in GiB (replaces the table's)")
     parser.add_argument("--efficiency", default=None,
                         help="assumed MFU range LOW,HIGH (default {},{})".format(*DEFAULT_EFFICIENCY))
     parser.add_argument("--doc-len", type=int, default=None,
                         help="mean document length in tokens for the attention FLOPs (default: seq_len)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    args = parser.parse_args(argv)
+    # overrides and flags in any order; an unknown --flag is still an error (and named alone:
+    # argparse would also list the overrides that follow it)
+    args, extra = parser.parse_known_intermixed_args(argv)
+    unknown = [x for x in extra if x.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides += extra
     try:
         eff = DEFAULT_EFFICIENCY
         if args.efficiency:
@@ -178,12 +226,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--efficiency {args.efficiency!r}: expected LOW,HIGH in (0, 1]")
     if args.gpus < 1 or (args.doc_len is not None and args.doc_len < 1):
         parser.error("--gpus and --doc-len must be >= 1")
+    if any(x is not None and x <= 0 for x in (args.peak_tflops, args.gpu_mem_gib)):
+        parser.error("--peak-tflops and --gpu-mem-gib must be > 0")
+    bad_gpu = check_gpu(args.gpu, args.peak_tflops, args.gpu_mem_gib)
+    if bad_gpu:
+        print(f"error: {bad_gpu}", file=sys.stderr)
+        return 2
     try:
         cfg = _compose(args.overrides)
         from emu3_train.vocab import get_vocab
 
         vocab_size = cfg.model.vocab_size or get_vocab(cfg.data.vocab).size
-        result = plan(cfg, args.gpus, args.gpu, vocab_size, eff, args.doc_len)
+        result = plan(cfg, args.gpus, args.gpu, vocab_size, eff, args.doc_len,
+                      peak_tflops=args.peak_tflops, capacity_gib=args.gpu_mem_gib)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -193,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}".splitlines()[0], file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2) if args.json else format_table(result))
-    return 0
+    return 1 if result["fits"] is False else 0
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@
    Megatron-Core's (NVIDIA NeMo) Llama-3-8B model FLOPs per token.
 2. Measured: the tiny model's activation memory on CPU (bytes of every storage alive after the
    forward and loss, i.e. what autograd and the checkpoints keep), parameters/grads/AdamW exactly.
-3. The CLI: table, --json, a layout that does not fit, a bad layout (exit 2 naming the field).
+3. The CLI: table, --json, overrides and flags in any order, a layout that does not fit (exit 1),
+   a bad layout (exit 2 naming the field), an unknown --gpu (exit 2 naming the known ones) and an
+   unlisted GPU described by --peak-tflops / --gpu-mem-gib. The dry run: test_planner_dryrun.py.
 """
 
 from __future__ import annotations
@@ -195,10 +197,71 @@ def test_cli_json_parses(capsys):
     assert high / low == pytest.approx(0.45 / 0.35)
 
 
-def test_cli_says_when_it_does_not_fit(capsys):
+def test_cli_says_when_it_does_not_fit_and_exits_1(capsys):
+    """Scripts (a launcher's pre-flight check) read the verdict from the exit status."""
     argv = ["experiment=stage1", "model=emu3_8b", "parallel=single", "--gpus", "1", "--gpu", "h100"]
-    assert main(argv) == 0
+    assert main(argv) == 1
     assert "DOES NOT FIT" in capsys.readouterr().out
+    assert main(argv[:-1] + ["h200", "--json"]) == 1  # 8B unsharded needs ~170 GiB
+    assert json.loads(capsys.readouterr().out)["fits"] is False
+
+
+def test_cli_exits_0_when_it_fits_or_there_is_no_capacity(capsys):
+    assert main(["experiment=stage1", "model=emu3_8b", "parallel=node8", "--gpus", "8", "--gpu", "h100"]) == 0
+    assert ": fits (" in capsys.readouterr().out
+    assert main(["experiment=demo", "--gpus", "1", "--gpu", "cpu"]) == 0
+
+
+def test_cli_takes_overrides_and_flags_in_any_order(capsys):
+    """README's own order (flags first, then overrides) and overrides between flags; Hydra's
+    last-wins order of the overrides is kept."""
+    argv = ["--gpus", "8", "parallel=node8", "--gpu", "h200", "experiment=stage1", "--json",
+            "model.recompute=none", "model=emu3_8b", "model.recompute=full"]
+    assert main(argv) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert (r["gpus"], r["gpu"], r["model"], r["recompute"]) == (8, "h200", "emu3_8b", "full")
+    assert r["layout"] == {"dp": 8, "cp": 1, "tp": 1, "grad_accum": 64}
+
+
+def test_cli_rejects_an_unknown_flag_among_overrides(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--gpus", "8", "parallel=node8", "--gpu-count", "8", "experiment=stage1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err  # the flag alone, not the overrides after it
+    assert err.rstrip().endswith("error: unrecognized arguments: --gpu-count")
+
+
+def test_cli_unknown_gpu_is_a_one_line_error_naming_the_known_ones(capsys):
+    """A typo must not silently drop the verdict (before: no 'fits' line, exit 0)."""
+    assert main(["experiment=stage1", "model=emu3_8b", "--gpus", "8", "--gpu", "foo"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: --gpu 'foo'")
+    assert all(name in err for name in ("h100", "h200", "a100", "b200", "cpu", "--peak-tflops",
+                                        "--gpu-mem-gib"))
+    # half described: the error names only the missing flag
+    argv = ["experiment=stage1", "model=emu3_8b", "--gpus", "8", "--gpu", "foo", "--peak-tflops", "500"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.rstrip().endswith("give --gpu-mem-gib") and len(err.strip().splitlines()) == 1
+
+
+def test_cli_plans_an_unlisted_gpu_from_its_peak_and_memory(capsys):
+    argv = ["experiment=stage1", "model=emu3_8b", "--gpus", "8", "--gpu", "mi300x", "--peak-tflops", "1307",
+            "--gpu-mem-gib", "191.5", "--json"]
+    assert main(argv) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["peak_flops"] == pytest.approx(1307e12) and r["capacity_gib"] == 191.5 and r["fits"] is True
+    assert r["tokens_per_s_per_gpu"][0] > 0
+    # the flags also replace a listed GPU's numbers (an H100 NVL's 94 GB)
+    assert main(["experiment=stage1", "model=emu3_8b", "--gpus", "8", "--gpu", "h100", "--gpu-mem-gib",
+                 "93.1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["capacity_gib"] == 93.1
+
+
+def test_cli_stage2_needs_no_init_from(capsys):
+    """Like data.path, checkpoint.init_from (required by stage 2) is never read by the planner."""
+    assert main(["experiment=stage2", "model=emu3_8b", "--gpus", "64", "--gpu", "h200", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["layout"]["cp"] == 8
 
 
 def test_cli_bad_layout_exits_2_naming_the_field(capsys):
