@@ -3,6 +3,7 @@
     python -m emu3_train.planner +experiment=stage1 model=emu3_8b parallel.tp=4 --gpus 64 --gpu h100
     python -m emu3_train.planner experiment=stage2 model=emu3_8b parallel.cp=8 --gpus 64 --gpu h200 --json
     python -m emu3_train.planner experiment=demo --gpus 1 --gpu cpu
+    python -m emu3_train.planner experiment=stage1 model=emu3_8b parallel=nodes --gpus 64 --dry-run
     python -m emu3_train.planner experiment=stage1 model=emu3_8b --gpus 8 --gpu mi300x \
         --peak-tflops 1307 --gpu-mem-gib 191.5       # a GPU the tables do not list
 
@@ -12,6 +13,11 @@ training does. Prints parameters, memory per GPU by part (``emu3_train/planner_m
 the memory model), whether it fits, and tokens/s/GPU and MFU for an assumed efficiency range.
 Exit status: 0 it fits (or no capacity to compare: ``--gpu cpu``), 1 it does not fit, 2 a config
 or command-line error (one line naming the field, or the known GPUs for an unknown ``--gpu``).
+
+``--dry-run`` (``emu3_train/planner_dryrun.py``) also builds the real model on ``meta``, applies
+the real parallelism passes on a fake process group of ``--gpus`` ranks and an AdamW step, and
+prints rank 0's real parameter / gradient / optimizer bytes next to the estimate (``--json``:
+the ``dry_run`` key). About 10 s for emu3_8b on 2 CPU cores, any world size; no weights are allocated.
 
 Throughput: tokens/s/GPU = peak FLOP/s × efficiency / training FLOPs per token, with FLOPs from
 ``emu3_train/flops.py`` (6·N_dense + causal attention). The attention term assumes documents of
@@ -150,6 +156,10 @@ def format_table(r: dict) -> str:
                      "attn_impl=flex|varlen (model.attention_dropout=0) avoid it")
     lines.append("")
     gflops = r["flops_per_token"] / 1e9
+    if r.get("dry_run"):
+        from emu3_train.planner_dryrun import format_dry_run
+
+        lines += format_dry_run(r["dry_run"]) + [""]
     if r["tokens_per_s_per_gpu"]:
         lo, hi = r["tokens_per_s_per_gpu"]
         e_lo, e_hi = r["efficiency"]
@@ -208,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--doc-len", type=int, default=None,
                         help="mean document length in tokens for the attention FLOPs (default: seq_len)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="also apply the real passes to the model on meta, on a fake process group "
+                             "of --gpus ranks, and compare rank 0's parameter/gradient/optimizer bytes")
     # overrides and flags in any order; an unknown --flag is still an error (and named alone:
     # argparse would also list the overrides that follow it)
     args, extra = parser.parse_known_intermixed_args(argv)
@@ -247,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}".splitlines()[0], file=sys.stderr)
         return 2
+    if args.dry_run:
+        from emu3_train.planner_dryrun import dry_run
+
+        result["dry_run"] = dry_run(cfg, args.gpus, vocab_size).as_dict()
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 1 if result["fits"] is False else 0
 
