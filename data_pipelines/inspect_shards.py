@@ -1,7 +1,10 @@
 """Inspect a directory of shards: what it holds, what is wrong with it, and how it would pack.
 
-Reads every ``*.tar`` directly (no ``.idx`` needed) and reports problems instead of raising:
+Reads every ``*.tar`` directly (no ``.idx`` needed) and reports problems instead of raising. The
+vocabulary is ``--vocab`` if given, else the one the shards' ``.idx`` files record (``emu3``, with
+a note on stderr, when none does; an error when they disagree). Keys:
 
+- ``vocab``, ``vocab_source`` (``--vocab``, ``index`` or ``default``);
 - ``documents``, ``tokens``, ``documents_by_task``, ``tokens_by_task``;
 - ``tokens_by_modality``: ``text`` (BPE/byte ids), ``vision`` (visual codes), ``special`` (BOS,
   EOS, SOV, EOL, ...), ``invalid`` (outside the vocabulary);
@@ -12,6 +15,9 @@ Reads every ``*.tar`` directly (no ``.idx`` needed) and reports problems instead
   that is not ``h*w`` or that the rows contradict, rows without EOL, frames without EOF, visual
   codes outside a block (+ examples);
 - ``unreadable``: samples that do not decode, miss a member, or a shard cut short (+ examples);
+- ``checksum_mismatches``: samples whose CRC-32 differs from the ``.idx`` (training rejects them);
+- ``index_mismatches``: samples in the tar but not in its ``.idx`` (never trained on: e.g. appended
+  into the end padding), listed but absent or elsewhere; an unreadable, stale or other-vocab ``.idx``;
 - ``shards_without_index``: shards whose ``.idx`` is missing or out of date (the trainer needs it);
 - with ``--seq-len N``, what the trainer's packing would give over the well-formed documents
   (epoch 0 order of ``--seed``, windows of ``--pack-window``, oversize policy ``skip``): ``fill``
@@ -32,47 +38,25 @@ import argparse
 import json
 import sys
 import tarfile
+import zlib
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from emu3_train.data.format import META_SUFFIX, TOKENS_SUFFIX, check_tokens, decode_meta, decode_tokens
+from emu3_train.data.index import Index, ShardError, index_path, load_index, read_index
 from emu3_train.data.packing import pack_rows
 from emu3_train.layout import parse_vision_block, vision_spans
 from emu3_train.tokenizer import load_tokenizer
 from emu3_train.vocab import PRESETS, Vocab, get_vocab
 
 from ._cli import run_cli
-from .index_shards import index_is_current  # emu3_train.data_pipelines (installed from data_pipelines/)
+from .index_shards import index_is_current, read_shard  # emu3_train.data_pipelines (from data_pipelines/)
 
-PROBLEMS = ("vocab_violations", "malformed_vision_blocks", "unreadable")
-
-
-def read_shard(tar_path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """``(key, {suffix: payload})`` of each sample in tar order; ``tarfile.TarError``/``OSError`` on a
-    damaged or truncated tar (after the samples read before the damage)."""
-    with open(tar_path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
-        key, members = None, {}
-        for ti in tf:
-            name_key, _, suffix = ti.name.partition(".")
-            if name_key != key:
-                if key is not None:
-                    yield key, members
-                key, members = name_key, {}
-            if ti.isfile():
-                data = tf.extractfile(ti).read()
-                if len(data) != ti.size:
-                    raise tarfile.ReadError(f"member {ti.name!r} is cut short")
-                members[suffix] = data
-        end = tf.offset
-        if key is not None:
-            yield key, members
-        f.seek(end)
-        tail = f.read(1024)
-        if len(tail) != 1024 or any(tail):  # tarfile stops silently at a garbled header
-            raise tarfile.ReadError(f"no end-of-archive marker at byte {end} (truncated, or a bad header)")
+PROBLEMS = ("vocab_violations", "malformed_vision_blocks", "unreadable", "checksum_mismatches",
+            "index_mismatches")
+DEFAULT_VOCAB = "emu3"  # when neither --vocab nor any .idx names one
 
 
 def structure_problem(tokens: np.ndarray, vocab: Vocab, decode) -> tuple[str | None, np.ndarray]:
@@ -163,6 +147,45 @@ class Inspection:
         return out
 
 
+def compare_with_index(ins: Inspection, index: Index, i: int | None, where: str, members: dict[str, bytes],
+                       offsets: dict[str, int]) -> None:
+    """Count the ways a sample read from the tar differs from its entry ``i`` (None: absent) in ``index``."""
+    if i is None:
+        return ins.problem("index_mismatches", f"{where}: in the tar but not in its index "
+                           f"{index_path(index.path)}: training never reads it (added after indexing?); "
+                           "reindex")
+    key = str(index.keys[i])
+    for suffix, offset, crc in ((TOKENS_SUFFIX, index.tokens_offset, index.tokens_crc32),
+                                (META_SUFFIX, index.meta_offset, index.meta_crc32)):
+        if suffix not in members:
+            continue  # counted as unreadable
+        if offsets[suffix] != int(offset[i]):
+            return ins.problem("index_mismatches", f"{where}: {key}.{suffix} is at byte {offsets[suffix]}, "
+                                                   f"its index says {int(offset[i])}; reindex the shard")
+        got = zlib.crc32(members[suffix])
+        if got != int(crc[i]):
+            return ins.problem("checksum_mismatches", f"{where}: {key}.{suffix} has CRC-32 {got:08x}, "
+                               f"its index says {int(crc[i]):08x}: changed after indexing, training "
+                               "rejects it")
+
+
+def resolve_vocab(name: str | None, indexes: dict[Path, Index]) -> tuple[Vocab, str]:
+    """``(vocabulary, where it came from)``: ``name`` if given, else the one every index records."""
+    if name is not None:
+        return get_vocab(name), "--vocab"
+    names = {i.vocab_name for i in indexes.values()}
+    if len(names) > 1:
+        which = ", ".join(sorted({f"{index_path(t).name} {i.vocab_name!r}" for t, i in indexes.items()}))
+        raise ValueError(f"the shards were indexed for different vocabularies ({which}); pass --vocab")
+    if not names:
+        return get_vocab(DEFAULT_VOCAB), "default"
+    name = names.pop()
+    if name not in PRESETS:
+        raise ValueError(f"the .idx files record vocabulary {name!r}, not a preset {sorted(PRESETS)}; "
+                         "pass --vocab")
+    return get_vocab(name), "index"
+
+
 def length_histogram(lengths: np.ndarray) -> dict:
     """``{"edges": [K+1], "counts": [K]}``: half-octave bins ``[2^(k/2), 2^((k+1)/2))`` of tokens
     (rounded), from the bin of the shortest document to that of the longest."""
@@ -231,10 +254,10 @@ def draw_histogram(hist: dict, path: Path, title: str) -> Path:
     return path
 
 
-def inspect_shards(shard_dir: Path, vocab: Vocab, max_examples: int = 5,
+def inspect_shards(shard_dir: Path, vocab: Vocab | str | None = None, max_examples: int = 5,
                    progress: bool = False) -> tuple[dict, list]:
     """``(report, packable)``: the statistics of every shard in ``shard_dir`` and the ``(length, spans)``
-    of its well-formed documents."""
+    of its well-formed documents. ``vocab`` None: the one the shards' indexes record."""
     if not shard_dir.is_dir():
         raise FileNotFoundError(f"shard directory not found: {shard_dir}")
     tars = sorted(shard_dir.glob("*.tar"))
@@ -242,22 +265,47 @@ def inspect_shards(shard_dir: Path, vocab: Vocab, max_examples: int = 5,
         raise FileNotFoundError(f"no *.tar shards in {shard_dir}")
     from tqdm import tqdm
 
+    indexes: dict[Path, Index | str] = {}  # the index, or why it is unreadable
+    for tar in (t for t in tars if index_path(t).is_file()):
+        try:
+            indexes[tar] = load_index(tar)
+        except ShardError as e:
+            indexes[tar] = str(e)
+    readable = {t: i for t, i in indexes.items() if isinstance(i, Index)}
+    vocab, source = resolve_vocab(vocab.name if isinstance(vocab, Vocab) else vocab, readable)
     ins = Inspection(vocab, max_examples)
+    for message in (i for i in indexes.values() if isinstance(i, str)):
+        ins.problem("index_mismatches", message)
     without_index = 0
     for tar in tqdm(tars, desc="inspecting", unit="shard", file=sys.stderr, disable=not progress):
         seen: set[str] = set()
+        index = readable.get(tar)
+        position = {str(k): i for i, k in enumerate(index.keys)} if index is not None else {}
+        before = ins.counts["index_mismatches"] + ins.counts["checksum_mismatches"]
         try:
-            for key, members in read_shard(tar):
+            for key, members, offsets in read_shard(tar):
                 where = f"{tar}: sample {key!r}"
                 if key in seen:
                     ins.problem("unreadable", f"{where}: key appears twice (or its members are not adjacent)")
                     continue
                 seen.add(key)
                 ins.add(where, members)
+                if index is not None:
+                    compare_with_index(ins, index, position.get(key), where, members, offsets)
         except (tarfile.TarError, OSError, EOFError) as e:
             ins.problem("unreadable", f"{tar}: not a complete uncompressed tar: {e}")
+        if index is not None:
+            for key in (k for k in position if k not in seen):
+                ins.problem("index_mismatches", f"{tar}: sample {key!r}: listed in its index "
+                            f"{index_path(tar)} but not read from the tar (lost after indexing?)")
+            if ins.counts["index_mismatches"] + ins.counts["checksum_mismatches"] == before:
+                try:  # what the samples did not show: size, appended data, another vocabulary
+                    read_index(tar, vocab)
+                except (ShardError, OSError) as e:
+                    ins.problem("index_mismatches", str(e))
         without_index += not index_is_current(tar, vocab)
-    report = {"shards": len(tars), **ins.report(), "shards_without_index": without_index}
+    report = {"shards": len(tars), "vocab": vocab.name, "vocab_source": source, **ins.report(),
+              "shards_without_index": without_index}
     return report, ins.packable
 
 
@@ -265,7 +313,8 @@ def _text_report(r: dict, shard_dir: Path) -> str:
     def share(n: int, total: int) -> str:
         return f"{n:,} ({100 * n / total:.1f}%)" if total else f"{n:,}"
 
-    lines = [f"{shard_dir}: {r['shards']} shards ({r['shards_without_index']} without an up-to-date .idx)",
+    lines = [f"{shard_dir}: {r['shards']} shards ({r['shards_without_index']} without an up-to-date .idx), "
+             f"vocabulary {r['vocab']!r} (from {r['vocab_source']})",
              f"documents: {r['documents']:,}  tokens: {r['tokens']:,}"]
     lines += [f"  {t}: {r['documents_by_task'][t]:,} documents, tokens {share(n, r['tokens'])}"
               for t, n in r["tokens_by_task"].items()]
@@ -295,8 +344,8 @@ def main(argv: list[str] | None = None) -> int:
                "--histogram lengths.png\nexit code: 0 clean, 1 problems found, 2 cannot inspect",
     )
     parser.add_argument("dir", type=Path, metavar="DIR", help="directory of *.tar shards")
-    parser.add_argument("--vocab", default="emu3", choices=sorted(PRESETS),
-                        help="vocabulary preset (default emu3)")
+    parser.add_argument("--vocab", default=None, choices=sorted(PRESETS),
+                        help=f"vocabulary preset (default: what the .idx files record, else {DEFAULT_VOCAB})")
     parser.add_argument("--seq-len", type=int, default=None, help="also report packing into rows of N tokens")
     parser.add_argument("--pack-window", type=int, default=256,
                         help="documents packed together (default 256)")
@@ -308,7 +357,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.seq_len is not None and args.seq_len <= 0 or args.pack_window <= 0:
         parser.error("--seq-len and --pack-window must be positive")
-    report, packable = inspect_shards(args.dir, get_vocab(args.vocab), args.examples, progress=True)
+    report, packable = inspect_shards(args.dir, args.vocab, args.examples, progress=True)
+    if report["vocab_source"] == "default":
+        print(f"note: no --vocab and no .idx in {args.dir} records a vocabulary; inspecting with "
+              f"--vocab {DEFAULT_VOCAB}", file=sys.stderr)
     if args.seq_len is not None:
         report.update(packing_report(packable, args.seq_len, args.pack_window, args.seed))
     if args.histogram is not None:
@@ -322,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"inspected {report['documents']:,} documents ({report['tokens']:,} tokens) in "
               f"{report['shards']} shards: {report['vocab_violations']} vocabulary violations, "
               f"{report['malformed_vision_blocks']} malformed vision blocks, "
-              f"{report['unreadable']} unreadable")
+              f"{report['unreadable']} unreadable, {report['checksum_mismatches']} checksum mismatches, "
+              f"{report['index_mismatches']} index mismatches")
     return 1 if problems else 0
 
 

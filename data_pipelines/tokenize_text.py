@@ -13,6 +13,8 @@ Texts are NFC-normalized and encoded with ``tiktoken`` from the ``qwen.tiktoken`
 special-token spellings inside a text are encoded as plain text. Texts that are empty after
 stripping whitespace are skipped (and counted). Output: JSON lines
 ``{"task": "text", "source": ..., "tokens": [BOS, ..., EOS]}``, the input of ``write_shards``.
+An input file that gives no document (empty, blank lines only, only empty texts) gets a
+``warning:`` line on stderr naming it, and so does a run that writes 0 documents (exit code 0).
 
 Resumable: documents go to ``OUT.partial``, renamed to ``OUT`` when complete. A complete ``OUT``
 is kept (``--force`` rewrites it); a rerun after an interruption continues after the last
@@ -154,16 +156,21 @@ def read_texts(path: Path, field: str = "text") -> Iterator[tuple[str, str]]:
 
 
 def text_documents(paths: Sequence[str | os.PathLike], tokenizer, field: str = "text",
-                   skipped: dict | None = None, after: str | None = None) -> Iterator[dict]:
+                   skipped: dict | None = None, after: str | None = None,
+                   empty_inputs: list | None = None) -> Iterator[dict]:
     """Documents ``{"task": "text", "source", "tokens"}`` of the input files, in input order.
 
     Empty texts are not yielded (``skipped["empty"]`` counts them). ``after``: resume after the
-    document with this source (its predecessors are not tokenized).
+    document with this source (its predecessors are not tokenized). ``empty_inputs`` receives
+    ``"<file>: <why>"`` for each input file that holds no non-empty text (resumed ones included).
     """
     vocab = tokenizer.vocab
     waiting = after is not None
     for path in expand_inputs(paths):
+        texts = nonempty = 0
         for source, text in read_texts(path, field):
+            texts += 1
+            nonempty += bool(text.strip())
             if waiting:
                 waiting = source != after
                 continue
@@ -172,6 +179,10 @@ def text_documents(paths: Sequence[str | os.PathLike], tokenizer, field: str = "
                     skipped["empty"] = skipped.get("empty", 0) + 1
                 continue
             yield {"task": "text", "source": source, "tokens": text_document(vocab, tokenizer.encode(text))}
+        if not nonempty and empty_inputs is not None:
+            why = ("the file is empty or whitespace" if path.suffix != ".jsonl" else
+                   f"all {texts} texts are empty or whitespace" if texts else "no non-blank lines")
+            empty_inputs.append(f"{path}: no documents ({why})")
     if waiting:
         raise ValueError(f"the partial output ends with document {after!r}, which the inputs do not "
                          "contain; remove the .partial file or pass --force")
@@ -208,11 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     skipped: dict = {}
+    empty_inputs: list[str] = []
     start = time.perf_counter()
     writer.open(append=done > 0)
     try:
-        bar = tqdm(text_documents(args.input, tokenizer, args.field, skipped, after), desc="tokenizing",
-                   unit="doc", file=sys.stderr)
+        bar = tqdm(text_documents(args.input, tokenizer, args.field, skipped, after, empty_inputs),
+                   desc="tokenizing", unit="doc", file=sys.stderr)
         pending: list[dict] = []
         for doc in bar:
             pending.append(doc)
@@ -226,6 +238,11 @@ def main(argv: list[str] | None = None) -> int:
         if writer.partial.is_file() and writer.partial.stat().st_size == 0:
             writer.partial.unlink()  # failed before the first document: leave nothing behind
     seconds = time.perf_counter() - start
+    for line in empty_inputs:
+        print(f"warning: {line}", file=sys.stderr)
+    if done + writer.docs == 0:
+        print(f"warning: wrote 0 documents to {args.out}: the inputs ({' '.join(args.input)}) hold no "
+              "non-empty text; write_shards will refuse this file", file=sys.stderr)
     resumed = f", resumed after {done} documents" if done else ""
     print(f"wrote {writer.docs} documents ({writer.tokens} tokens, {writer.tokens / max(seconds, 1e-9):,.0f} "
           f"tokens/s) to {args.out}; skipped {skipped.get('empty', 0)} empty{resumed}")

@@ -8,6 +8,9 @@ number, counted from 0); output is ``OUT/shard-000000.tar`` + ``OUT/shard-000000
     python -m emu3_train.data_pipelines.write_shards --input docs.jsonl --out data/mine --vocab emu3
     python -m emu3_train.data_pipelines.write_shards --reindex data/mine --vocab emu3   # rebuild .idx
 
+``--reindex`` rebuilds every index; a truncated shard keeps its complete samples with a warning
+saying what was kept and lost (the original moves to ``X.tar.damaged``; see ``index_shards``).
+
 Library: ``write_shards(docs, out_dir, vocab)`` returns the shard paths.
 """
 
@@ -23,10 +26,11 @@ from pathlib import Path
 import numpy as np
 
 from emu3_train.data.format import check_meta, check_tokens, encode_sample
-from emu3_train.data.index import build_index, index_path, index_shards, write_index
+from emu3_train.data.index import build_index, index_path, write_index
 from emu3_train.vocab import PRESETS, Vocab, get_vocab
 
 from ._cli import run_cli
+from .index_shards import reindex_dir, summary
 
 DEFAULT_MAX_COUNT = 10_000  # documents per shard
 DEFAULT_MAX_SIZE = 1_000_000_000  # bytes per shard (approximate: checked before each sample)
@@ -109,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--input", type=Path, help="JSON-lines file of documents")
-    group.add_argument("--reindex", type=Path, metavar="DIR", help="rebuild the .idx of every shard in DIR")
+    group.add_argument("--reindex", type=Path, metavar="DIR",
+                       help="rebuild the .idx of every shard in DIR (a truncated one keeps its complete "
+                            "samples)")
     parser.add_argument("--out", type=Path, help="output directory (with --input)")
     parser.add_argument("--vocab", default="emu3", choices=sorted(PRESETS),
                         help="vocabulary preset (default emu3)")
@@ -119,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     vocab = get_vocab(args.vocab)
     if args.reindex is not None:
-        written = index_shards(args.reindex, vocab)
-        print(f"indexed {len(written)} shards in {args.reindex}")
+        print(summary(reindex_dir(args.reindex, vocab), args.reindex))
         return 0
     if args.out is None:
         parser.error("--out is required with --input")

@@ -26,8 +26,13 @@ span_offsets   int64 [N+1]     sample i's vision blocks are ``spans[span_offsets
 spans          int64 [M, 2]    ``[start, end)`` token positions of each block (SOV .. EOV inclusive)
 ============== =============== =================================================================
 
+A shard is complete (``build_index``) when its end-of-archive marker follows the last sample and
+only zero bytes follow it; ``read_index`` checks, when a shard is opened, the size and that only
+zero bytes follow the last indexed member (a member appended into the end padding keeps the size).
+
 Build and write: ``write_index(build_index("shard-000000.tar", vocab))``; the CLI is
-``python -m emu3_train.data_pipelines.write_shards --reindex DIR --vocab NAME``.
+``python -m emu3_train.data_pipelines.write_shards --reindex DIR --vocab NAME`` (it also keeps the
+complete samples of a truncated shard).
 """
 
 from __future__ import annotations
@@ -57,6 +62,10 @@ _ARRAYS = ("keys", "tokens_offset", "tokens_size", "meta_offset", "meta_size", "
 
 class ShardError(ValueError):
     """A shard or its index is unusable; the message names the file and, if known, the sample key."""
+
+
+class IncompleteTarError(ShardError):
+    """The shard is not a complete tar: cut short, no end-of-archive marker, or a garbled header."""
 
 
 def index_path(tar_path: str | os.PathLike) -> Path:
@@ -101,11 +110,26 @@ class Index:
         return f"{self.path}: sample {str(self.keys[i])!r}"
 
 
+BLOCK = 512  # tar block size, bytes
+
+
 def _end_marker_ok(f, offset: int) -> bool:
     """A complete tar ends with two zero blocks at ``offset`` (tarfile stops silently without them)."""
     f.seek(offset)
-    tail = f.read(1024)
-    return len(tail) == 1024 and not any(tail)
+    tail = f.read(2 * BLOCK)
+    return len(tail) == 2 * BLOCK and not any(tail)
+
+
+def first_nonzero_byte(f, offset: int, chunk: int = 1 << 16) -> int:
+    """Position of the first non-zero byte of file ``f`` at or after ``offset``, -1 if none (the tail
+    of a tar is its end marker and padding: normally under 11 KiB)."""
+    f.seek(offset)
+    while data := f.read(chunk):
+        stripped = data.lstrip(b"\0")
+        if stripped:
+            return offset + len(data) - len(stripped)
+        offset += len(data)
+    return -1
 
 
 def build_index(tar_path: str | os.PathLike, vocab: Vocab) -> Index:
@@ -165,10 +189,15 @@ def build_index(tar_path: str | os.PathLike, vocab: Vocab) -> Index:
             if not _end_marker_ok(f, end):  # checked before the last sample: it may be cut short
                 raise tarfile.ReadError(f"no end-of-archive marker at byte {end} (truncated, or a "
                                         "corrupt header)")
+            after = first_nonzero_byte(f, end)
+            if after >= 0:  # tarfile never reads past the marker: whatever lies there is never used
+                raise ShardError(f"{tar_path}: data at byte {after}, after the end-of-archive marker at "
+                                 f"byte {end} (concatenated tars?); nothing after the marker is ever read: "
+                                 "rewrite the shard with write_shards --input")
             if key is not None:
                 finish(key, members)
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise ShardError(f"{tar_path}: not a complete uncompressed tar: {e}") from None
+        raise IncompleteTarError(f"{tar_path}: not a complete uncompressed tar: {e}") from None
     if not rows:
         raise ShardError(f"{tar_path}: shard holds no samples")
     cols = list(zip(*rows))
@@ -199,15 +228,16 @@ def write_index(index: Index, path: str | os.PathLike | None = None) -> Path:
     return path
 
 
-def read_index(tar_path: str | os.PathLike, vocab: Vocab | None = None) -> Index:
-    """The index of shard ``tar_path``, checked against the format version, ``vocab`` and the tar's size.
+def load_index(tar_path: str | os.PathLike, vocab_name: str = "NAME") -> Index:
+    """The index of shard ``tar_path`` as written, checked only for its own consistency (the tar is not
+    looked at: see :func:`read_index`); ``vocab_name`` goes into the rebuild hint of an error.
 
     Raises ``FileNotFoundError`` (with the command that builds it) if ``X.idx`` is missing, and
-    ``ShardError`` if it is unreadable, of another format version or vocabulary, or stale.
+    ``ShardError`` if it is unreadable, of another format version or inconsistent.
     """
     tar_path = Path(tar_path)
     idx = index_path(tar_path)
-    hint = reindex_hint(tar_path, vocab.name if vocab is not None else "NAME")
+    hint = reindex_hint(tar_path, vocab_name)
     if not idx.is_file():
         raise FileNotFoundError(f"{idx}: index of shard {tar_path} not found; {hint}")
     try:
@@ -228,6 +258,32 @@ def read_index(tar_path: str | os.PathLike, vocab: Vocab | None = None) -> Index
     if any(len(getattr(index, a)) != n for a in _ARRAYS) or len(index.span_offsets) != n + 1 \
             or index.spans.shape != (int(index.span_offsets[-1]), 2):
         raise ShardError(f"{idx}: index arrays have inconsistent lengths; {hint}")
+    return index
+
+
+def indexed_end(index: Index) -> int:
+    """Byte offset just past the last indexed payload, rounded up to a tar block (0 if empty)."""
+    if not len(index):
+        return 0
+    end = max(int((index.tokens_offset + index.tokens_size).max()),
+              int((index.meta_offset + index.meta_size).max()))
+    return -(-end // BLOCK) * BLOCK
+
+
+def read_index(tar_path: str | os.PathLike, vocab: Vocab | None = None) -> Index:
+    """The index of shard ``tar_path``, checked against the format version, ``vocab`` and the tar.
+
+    The tar must have the size it had when indexed, and only zero bytes (end marker, padding) may
+    follow the last indexed member: a member appended into the end padding keeps the size. This
+    reads the tar's tail only (normally under 11 KiB). Raises ``FileNotFoundError`` (with the
+    command that builds it) if ``X.idx`` or the tar is missing, and ``ShardError`` if the index is
+    unreadable, of another format version or vocabulary, or stale.
+    """
+    tar_path = Path(tar_path)
+    idx = index_path(tar_path)
+    vocab_name = vocab.name if vocab is not None else "NAME"
+    hint = reindex_hint(tar_path, vocab_name)
+    index = load_index(tar_path, vocab_name)
     if vocab is not None and (index.vocab_name, index.vocab_size) != (vocab.name, vocab.size):
         raise ShardError(f"{idx}: indexed for vocabulary {index.vocab_name!r} (size {index.vocab_size}), "
                          f"but vocabulary {vocab.name!r} (size {vocab.size}) was asked for")
@@ -235,8 +291,20 @@ def read_index(tar_path: str | os.PathLike, vocab: Vocab | None = None) -> Index
         raise FileNotFoundError(f"shard not found: {tar_path} (its index {idx} exists)")
     size = tar_path.stat().st_size
     if size != index.shard_size:
+        cut = (f" (cut short by {index.shard_size - size} bytes; the command keeps its complete samples)"
+               if size < index.shard_size else "")
         raise ShardError(f"{idx}: stale index: shard {tar_path} is {size} bytes, indexed at "
-                         f"{index.shard_size}; {hint}")
+                         f"{index.shard_size}; {hint}{cut}")
+    end = indexed_end(index)
+    try:
+        with open(tar_path, "rb") as f:
+            extra = first_nonzero_byte(f, end)
+    except OSError as e:
+        raise ShardError(f"{tar_path}: cannot read the shard ({e})") from None
+    if extra >= 0:
+        raise ShardError(f"{idx}: stale index: shard {tar_path} holds data at byte {extra}, after its last "
+                         f"indexed sample {str(index.keys[-1])!r} (ends at byte {end}): a member was added "
+                         f"after indexing (the size is unchanged); {hint}")
     return index
 
 

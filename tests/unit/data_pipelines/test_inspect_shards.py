@@ -104,7 +104,8 @@ def test_vocabulary_violations_text_report_and_histogram(tmp_path, good_docs, ba
     assert f"  {tmp_path / 'x.tar'}: sample 'oov': token id 286 at position 2 is outside vocabulary 'demo' " \
            "(size 283)" in out
     assert out[-1] == "inspected 2 documents (" + f"{len(good_docs[0]['tokens']) + 4} tokens) in 1 shards: " \
-           "1 vocabulary violations, 0 malformed vision blocks, 0 unreadable"
+           "1 vocabulary violations, 0 malformed vision blocks, 0 unreadable, 0 checksum mismatches, " \
+           "0 index mismatches"
     with Image.open(png) as im:
         assert im.format == "PNG" and im.size == (900, 420)
 

@@ -101,3 +101,29 @@ def test_complete_output_is_kept_and_an_interrupted_one_resumes(inputs, tmp_path
     assert "wrote 2 documents" in printed and "resumed after 1 documents" in printed
     assert out.read_bytes() == full and not (tmp_path / "docs.jsonl.partial").exists()
     assert main(args + ["--force"]) == 0 and out.read_bytes() == full
+
+
+def test_empty_inputs_are_warned_about_by_name(inputs, tmp_path, capsys):
+    empty, blank, spaces = tmp_path / "empty.jsonl", tmp_path / "blank.jsonl", tmp_path / "spaces.txt"
+    empty.write_bytes(b"")
+    blank.write_text("\n  \n\n")
+    spaces.write_text(" \n\t\n")
+    whitespace = tmp_path / "ws.jsonl"
+    whitespace.write_text(json.dumps({"text": " "}) + "\n" + json.dumps({"text": ""}) + "\n")
+    out = tmp_path / "docs.jsonl"
+    assert main(["--input", str(empty), str(inputs / "a.jsonl"), str(blank), str(spaces), str(whitespace),
+                 "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: {empty}: no documents (no non-blank lines)",
+                        f"warning: {blank}: no documents (no non-blank lines)",
+                        f"warning: {spaces}: no documents (the file is empty or whitespace)",
+                        f"warning: {whitespace}: no documents (all 2 texts are empty or whitespace)"]
+    assert "wrote 2 documents" in captured.out and "skipped 4 empty" in captured.out
+    assert len(read_docs(out)) == 2
+
+    nothing = tmp_path / "nothing.jsonl"
+    assert main(["--input", str(empty), "--out", str(nothing)]) == 0  # a warning, not an error
+    captured = capsys.readouterr()
+    assert f"warning: wrote 0 documents to {nothing}: the inputs ({empty}) hold no non-empty" in captured.err
+    assert "wrote 0 documents (0 tokens" in captured.out and nothing.read_text() == ""
