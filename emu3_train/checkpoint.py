@@ -304,3 +304,86 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler) -> dic
     meta["loader"] = json.loads((path / "loader.json").read_text())
     meta["path"] = str(path)
     return meta
+
+
+def is_hf_folder(path: str | os.PathLike) -> bool:
+    """A Hugging Face model folder: ``config.json`` + ``*.safetensors`` (as ``interop.hf export``
+    writes), not a training checkpoint."""
+    path = Path(path)
+    return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def _newest_complete(ckpt_dir: Path) -> Path | None:
+    """The checkpoint :func:`resolve_checkpoint` would load from ``ckpt_dir``, or None."""
+    try:
+        with warnings.catch_warnings():  # the fallback warning is for the load, not for this check
+            warnings.simplefilter("ignore")
+            return resolve_checkpoint(ckpt_dir)
+    except (CheckpointError, OSError):
+        return None
+
+
+def check_checkpoint_path(path: str | os.PathLike, field: str) -> None:
+    """Fail early, before any model is built, when ``path`` (the value of config ``field``,
+    ``checkpoint.init_from`` or ``checkpoint.resume``) is not a checkpoint the loaders can read.
+
+    Raises ``ConfigError`` with one line saying what the path is and what to do: it does not exist,
+    is a Hugging Face folder, an unfinished (``.tmp_step_*``) or incomplete save, a ckpt folder
+    without a complete checkpoint, or (for ``resume``) a weights-only checkpoint.
+    """
+    from emu3_train.config import ConfigError
+
+    path, shown = Path(path), f"{field}={path}"
+    resume = field.endswith("resume")
+    usage = "a run's ckpt folder, its ckpt/latest or a ckpt/step_N folder"
+    if not path.exists():
+        if resume:
+            raise ConfigError(f"{shown}: does not exist; pass {usage}, or checkpoint.resume=latest to "
+                              "continue this run from its own checkpoints")
+        raise ConfigError(f"{shown}: does not exist (no run has saved a checkpoint there); run `make "
+                          "pretrain-stage1` first or pass INIT=... (checkpoint.init_from=RUN/ckpt/latest, "
+                          "a ckpt/step_N folder or an imported HF checkpoint)")
+    if is_hf_folder(path):
+        todo = ("it has no optimizer state to resume; import it" if resume else "import it")
+        raise ConfigError(f"{shown}: a Hugging Face model folder (config.json + *.safetensors), not a "
+                          f"training checkpoint; {todo} with `python -m emu3_train.interop.hf import "
+                          f"{path} CKPT_DIR` and pass checkpoint.init_from=CKPT_DIR")
+    if path.is_file() and path.name != "latest":
+        raise ConfigError(f"{shown}: a file, not a checkpoint; pass {usage}")
+    if re.match(r"^\.tmp_step_\d+$", path.name):
+        found = _newest_complete(path.parent)
+        todo = (f"pass {path.parent} to load its newest complete checkpoint ({found.name})" if found
+                else f"{path.parent} has no complete checkpoint: pass another one or start without {field}")
+        raise ConfigError(f"{shown}: an unfinished save (the run stopped while writing it; it is never "
+                          f"loaded); {todo}")
+    found = _newest_complete(path)
+    if found is None:
+        ckpt_dir = path.parent if path.is_file() else path
+        is_ckpt_dir = (ckpt_dir / "latest").is_file() or any(_STEP_DIR.match(p.name)
+                                                            for p in ckpt_dir.glob("step_*"))
+        if is_ckpt_dir:
+            raise ConfigError(f"{shown}: no complete checkpoint in {ckpt_dir} (every save there is "
+                              f"unfinished or damaged); pass another checkpoint or start without {field}")
+        if not (path / ".metadata").is_file() and not _STEP_DIR.match(path.name) and not any(
+                (path / name).is_file() for name in SIDE_FILES):
+            raise ConfigError(f"{shown}: not a checkpoint (no .metadata, no step_* folders, no latest); "
+                              f"pass {usage}")
+        try:
+            verify_checkpoint(path)
+            why = "unreadable"
+        except CheckpointError as e:
+            why = ("no .metadata: its save did not finish" if not (path / ".metadata").is_file()
+                   else str(e).splitlines()[0])
+        other = _newest_complete(path.parent)
+        todo = (f"pass {path.parent} to load its newest complete checkpoint ({other.name})" if other
+                else f"no complete checkpoint is in {path.parent}: pass another one or start without {field}")
+        raise ConfigError(f"{shown}: an incomplete checkpoint ({why}); {todo}")
+    if resume:
+        try:
+            weights_only = json.loads((found / "meta.json").read_text()).get("weights_only", False)
+        except (OSError, ValueError, AttributeError):
+            weights_only = False
+        if weights_only:
+            raise ConfigError(f"{shown}: a weights-only checkpoint ({found}, e.g. imported from HF) has no "
+                              "optimizer or data state to resume; start from it with "
+                              f"checkpoint.init_from={path}")

@@ -1,8 +1,10 @@
 """The training configuration schema: small dataclasses, one per recipe group, each field documented.
 
 Hydra merges ``recipes/train.yaml`` and its groups (``model/``, ``data/``, ``parallel/``,
-``experiment/``) into :class:`TrainConfig`; unknown keys are rejected by the schema and
-:func:`validate` rejects impossible values, naming the field, before any tensor is allocated.
+``experiment/``) into :class:`TrainConfig`; keys it does not define are rejected (also when added
+with ``+``: ``emu3_train.recipes``), :func:`validate` rejects impossible values (every numeric field
+against its range in :data:`RANGES`) and :func:`check_checkpoint_paths` the checkpoint the run would
+load, each naming the field, before any tensor is allocated.
 
     python -m emu3_train.train experiment=demo                 # the embedded demo
     python -m emu3_train.train experiment=stage1 model=emu3_8b data=shards data.path=/shards
@@ -10,9 +12,11 @@ Hydra merges ``recipes/train.yaml`` and its groups (``model/``, ``data/``, ``par
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 from omegaconf import MISSING
 
@@ -176,6 +180,91 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
+class Range(NamedTuple):
+    """The valid values of a numeric field: ``low <= x`` (``low < x`` when not ``low_inclusive``) and
+    ``x < high`` (``x <= high`` when ``high_inclusive``). NaN is never in range."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_inclusive: bool = True
+    high_inclusive: bool = False
+
+    def contains(self, x: float) -> bool:
+        above = x >= self.low if self.low_inclusive else x > self.low
+        below = x <= self.high if self.high_inclusive else x < self.high
+        return bool(above and below)
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return f"{'>=' if self.low_inclusive else '>'} {_num(self.low)}"
+        return (f"in {'[' if self.low_inclusive else '('}{_num(self.low)}, {_num(self.high)}"
+                f"{']' if self.high_inclusive else ')'}")
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+_AT_LEAST_1, _AT_LEAST_0, _POSITIVE = Range(1), Range(0), Range(0, low_inclusive=False)
+_FRACTION = Range(0, 1)  # [0, 1)
+# The valid range of every numeric field (a test fails for a numeric field missing here). ``None``
+# (where the field allows it) is always valid. validate() checks these first.
+RANGES: dict[str, Range] = {
+    "model.vocab_size": _AT_LEAST_1, "model.hidden_size": _AT_LEAST_1,
+    "model.intermediate_size": _AT_LEAST_1, "model.num_layers": _AT_LEAST_1,
+    "model.num_heads": _AT_LEAST_1, "model.num_kv_heads": _AT_LEAST_1,
+    "model.rope_theta": _POSITIVE, "model.max_position_embeddings": _AT_LEAST_1,
+    "model.rms_norm_eps": _POSITIVE,  # <= 0 makes every step NaN
+    "model.attention_dropout": _FRACTION, "model.init_std": _POSITIVE,
+    "data.seq_len": _AT_LEAST_1, "data.micro_batch_size": _AT_LEAST_1,
+    "data.global_batch_size": _AT_LEAST_1, "data.seed": _AT_LEAST_0, "data.pack_window": _AT_LEAST_1,
+    "data.num_workers": _AT_LEAST_0, "data.shard_group": _AT_LEAST_0, "data.prefetch": _AT_LEAST_1,
+    "parallel.cp": _AT_LEAST_1, "parallel.tp": _AT_LEAST_1, "parallel.timeout_s": _AT_LEAST_1,
+    "optim.lr": _POSITIVE, "optim.min_lr_ratio": Range(0, 1, high_inclusive=True),
+    "optim.warmup_steps": _AT_LEAST_0, "optim.weight_decay": _AT_LEAST_0,
+    "optim.beta1": _FRACTION, "optim.beta2": _FRACTION, "optim.eps": _POSITIVE,
+    "optim.grad_clip": _AT_LEAST_0,
+    "loss.vision_weight": _AT_LEAST_0, "loss.z_loss": _AT_LEAST_0, "loss.chunk_size": _AT_LEAST_1,
+    "trainer.max_steps": _AT_LEAST_1, "trainer.log_interval": _AT_LEAST_1, "trainer.seed": _AT_LEAST_0,
+    "trainer.threads": _AT_LEAST_0, "trainer.max_bad_steps": _AT_LEAST_1,
+    "trainer.spike_factor": _AT_LEAST_0, "trainer.sample_interval": _AT_LEAST_0,
+    "trainer.peak_tflops": _AT_LEAST_0,
+    "checkpoint.interval": _AT_LEAST_0, "checkpoint.keep_last": _AT_LEAST_0,
+    "checkpoint.keep_every": _AT_LEAST_0,
+    "eval.samples_per_class": _AT_LEAST_1, "eval.temperature": _AT_LEAST_0,  # 0 = greedy
+    "eval.top_k": _AT_LEAST_0,
+    "sample.per_prompt": _AT_LEAST_1, "sample.height": _AT_LEAST_0, "sample.width": _AT_LEAST_0,
+    "sample.temperature": _AT_LEAST_0, "sample.top_k": _AT_LEAST_0, "sample.seed": _AT_LEAST_0,
+    "sample.max_caption_tokens": _AT_LEAST_1,
+}
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    for name, valid in RANGES.items():
+        value = _get(cfg, name)
+        if value is not None and not valid.contains(value):
+            raise ConfigError(f"{name} must be {valid}, got {value}")
+
+
+def check_checkpoint_paths(cfg: TrainConfig, run_dir: str | Path) -> None:
+    """Check the checkpoint this run will load, before any model is built: ``checkpoint.resume``
+    (``latest`` = the run's own ``ckpt`` once it has one) beats ``checkpoint.init_from``.
+
+    Raises :class:`ConfigError` saying what the path is and what to do.
+    """
+    from emu3_train.checkpoint import check_checkpoint_path  # torch: imported only when checking
+
+    c = cfg.checkpoint
+    resume = c.resume
+    if resume == "latest":
+        ckpt = Path(c.dir or Path(run_dir) / "ckpt")
+        resume = str(ckpt) if (ckpt / "latest").is_file() else None
+    if resume:
+        check_checkpoint_path(resume, "checkpoint.resume")
+    elif c.init_from:
+        check_checkpoint_path(c.init_from, "checkpoint.init_from")
+
+
 _CHOICES = {
     "model.backend": ("torch",),
     "model.attn_impl": ("sdpa", "auto", "flex", "varlen"),
@@ -225,7 +314,9 @@ def _check_gpu_attention(impl: str, dropout: float, cp: int, cp_impl: str, devic
 
 
 def validate(cfg: TrainConfig, world_size: int = 1, vocab_size: int | None = None) -> None:
-    """Reject impossible configurations, naming the field. Allocates nothing.
+    """Reject impossible configurations, naming the field. Allocates nothing; touches no file.
+
+    Every numeric field is first checked against its range in :data:`RANGES`.
 
     ``vocab_size`` is the size of the data vocabulary preset (model.vocab_size must cover it).
     """
@@ -236,35 +327,13 @@ def validate(cfg: TrainConfig, world_size: int = 1, vocab_size: int | None = Non
         if value not in allowed:
             raise ConfigError(f"{name}={value!r} is not one of {list(allowed)}")
 
-    m, d, p, o, t = cfg.model, cfg.data, cfg.parallel, cfg.optim, cfg.trainer
-    positive = {
-        "model.hidden_size": m.hidden_size, "model.intermediate_size": m.intermediate_size,
-        "model.num_layers": m.num_layers, "model.num_heads": m.num_heads,
-        "model.num_kv_heads": m.num_kv_heads, "data.seq_len": d.seq_len,
-        "data.micro_batch_size": d.micro_batch_size, "data.global_batch_size": d.global_batch_size,
-        "data.pack_window": d.pack_window, "parallel.cp": p.cp, "parallel.tp": p.tp,
-        "parallel.timeout_s": p.timeout_s, "trainer.max_steps": t.max_steps,
-        "trainer.log_interval": t.log_interval, "loss.chunk_size": cfg.loss.chunk_size,
-        "trainer.max_bad_steps": t.max_bad_steps,
-    }
-    for name, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{name} must be >= 1, got {value}")
+    _check_ranges(cfg)
+    m, d, p, t = cfg.model, cfg.data, cfg.parallel, cfg.trainer
     from emu3_train.data.format import TASKS
 
     unknown = [task for task in d.tasks if task not in TASKS]
     if unknown:
         raise ConfigError(f"data.tasks has {unknown}; expected a subset of {list(TASKS)} ([] = all)")
-    sc = cfg.sample
-    if min(t.sample_interval, sc.height, sc.width) < 0 or min(sc.per_prompt, sc.max_caption_tokens) < 1:
-        raise ConfigError(f"trainer.sample_interval={t.sample_interval}, sample.height={sc.height} and "
-                          f"sample.width={sc.width} must be >= 0, sample.per_prompt={sc.per_prompt} and "
-                          f"sample.max_caption_tokens={sc.max_caption_tokens} >= 1")
-    if t.peak_tflops < 0:
-        raise ConfigError(f"trainer.peak_tflops must be >= 0, got {t.peak_tflops}")
-    if d.num_workers < 0 or d.shard_group < 0 or d.prefetch < 1:
-        raise ConfigError(f"data.num_workers={d.num_workers} and data.shard_group={d.shard_group} must be "
-                          f">= 0 and data.prefetch={d.prefetch} >= 1")
     from emu3_train.data.blend import parse_blend  # the blend syntax lives with the loader
 
     try:
@@ -286,19 +355,9 @@ def validate(cfg: TrainConfig, world_size: int = 1, vocab_size: int | None = Non
     if d.seq_len > m.max_position_embeddings:
         raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings="
                           f"{m.max_position_embeddings}")
-    if not 0.0 <= m.attention_dropout < 1.0:
-        raise ConfigError(f"model.attention_dropout must be in [0, 1), got {m.attention_dropout}")
     if m.attn_impl in ("flex", "varlen"):
         _check_gpu_attention(m.attn_impl, m.attention_dropout, p.cp, p.cp_impl, t.device, t.precision)
-    if o.lr <= 0 or not 0.0 <= o.min_lr_ratio <= 1.0:
-        raise ConfigError(f"optim.lr must be > 0 and optim.min_lr_ratio in [0, 1], got lr={o.lr}, "
-                          f"min_lr_ratio={o.min_lr_ratio}")
-    if o.warmup_steps < 0:
-        raise ConfigError(f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
     c = cfg.checkpoint
-    if c.interval < 0 or c.keep_last < 0 or c.keep_every < 0:
-        raise ConfigError("checkpoint.interval, checkpoint.keep_last and checkpoint.keep_every must be "
-                          f">= 0, got {c.interval}, {c.keep_last}, {c.keep_every}")
     if c.init_required and not c.init_from:
         raise ConfigError("checkpoint.init_from is required: this recipe continues an earlier stage "
                           "(checkpoint.init_required=true); set checkpoint.init_from=RUN/ckpt/latest "
@@ -307,10 +366,6 @@ def validate(cfg: TrainConfig, world_size: int = 1, vocab_size: int | None = Non
     if t.fault is not None and not re.fullmatch(fault_pattern, t.fault):
         raise ConfigError(f"trainer.fault={t.fault!r}: expected nan_loss@STEP, sigkill_in_save@STEP, "
                           "raise@STEP:RANK or hang@STEP:RANK")
-    if o.grad_clip < 0:
-        raise ConfigError(f"optim.grad_clip must be >= 0, got {o.grad_clip}")
-    if cfg.loss.vision_weight < 0:
-        raise ConfigError(f"loss.vision_weight must be >= 0, got {cfg.loss.vision_weight}")
 
     from emu3_train.parallel.dims import ParallelDims  # the layout checks live with the layout
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 import shutil
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import tarfile
 
 import numpy as np
+import pytest
 
 from emu3_train.data.index import build_index, read_index, write_index
 from emu3_train.vocab import get_vocab
@@ -103,3 +105,70 @@ def test_index_of_valid_shard_still_builds(demo_data):
     # guard for the tests above: a well-formed shard indexes cleanly
     tar = next((demo_data / "eval").glob("*.tar"))
     write_index(build_index(tar, get_vocab("demo")), tar.with_suffix(".idx.check"))
+
+
+# -- issue 13: unknown keys, value ranges, checkpoint paths: one line, exit code 2, nothing built --
+
+def test_added_unknown_keys_are_rejected(run_train, demo_data):
+    proc = run_train(*FAST, f"data.path={demo_data / 'train'}", "+trainer.max_stepz=3", "+foo=1")
+    line = _error_line(proc)
+    assert proc.returncode == 2 and "trainer.max_stepz" in line and "did you mean trainer.max_steps?" in line
+
+
+def test_unknown_key_error_does_not_recommend_plus(run_train, demo_data):
+    proc = run_train(*FAST, f"data.path={demo_data / 'train'}", "trainer.max_stepz=3")
+    line = _error_line(proc)
+    assert proc.returncode == 2 and "trainer.max_stepz" in line and "trainer.max_steps?" in line
+    assert "+trainer.max_stepz" not in proc.stderr
+
+
+@pytest.mark.parametrize("override", ["model.rms_norm_eps=-1", "optim.weight_decay=-1", "model.init_std=-1",
+                                      "optim.beta1=2", "optim.eps=-1"])
+def test_out_of_range_values_name_the_field(run_train, demo_data, override):
+    proc = run_train(*FAST, f"data.path={demo_data / 'train'}", override)
+    line = _error_line(proc)
+    assert proc.returncode == 2 and line.startswith(f"error: {override.split('=')[0]} must be"), line
+
+
+def _hf_folder(path):
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    (path / "model.safetensors").write_bytes(b"")
+    return path
+
+
+def _partial_saves(root):
+    tmp = root / "ckpt" / ".tmp_step_000002"
+    (tmp / "rng").mkdir(parents=True)
+    step = root / "ckpt" / "step_000001"
+    (step / "rng").mkdir(parents=True)
+    (step / "meta.json").write_text("{}")
+    return tmp, step
+
+
+@pytest.mark.parametrize("case", ["init_missing", "resume_missing", "hf", "tmp_step", "no_metadata"])
+def test_checkpoint_path_problems_say_what_to_do(run_train, demo_data, tmp_path, case):
+    tmp, step = _partial_saves(tmp_path / "old")
+    field, path, expected = {
+        "init_missing": ("init_from", "/does/not/exist", "does not exist"),
+        "resume_missing": ("resume", "/does/not/exist", "does not exist"),
+        "hf": ("init_from", _hf_folder(tmp_path / "hf"), "python -m emu3_train.interop.hf import"),
+        "tmp_step": ("init_from", tmp, "unfinished save"),
+        "no_metadata": ("resume", step, "incomplete checkpoint"),
+    }[case]
+    proc = run_train(*FAST, f"data.path={demo_data / 'train'}", f"checkpoint.{field}={path}")
+    line = _error_line(proc)
+    assert proc.returncode == 2 and line.startswith(f"error: checkpoint.{field}={path}:"), line
+    assert expected in line and "Traceback" not in proc.stderr
+
+
+def test_stage2_before_stage1_says_run_stage1_first(demo_data, tmp_path):
+    # as `make pretrain-stage2` runs it, in a checkout where stage 1 has not been trained yet
+    env = {**os.environ, "WANDB_SILENT": "true", "TIKTOKEN_CACHE_DIR": ""}
+    env.pop("RANK", None)
+    cmd = [sys.executable, "-m", "emu3_train.train", "experiment=demo_stage2", "wandb.mode=disabled",
+           f"data.path={demo_data / 'train'}", f"eval.path={demo_data / 'eval'}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    line = _error_line(proc)
+    assert proc.returncode == 2 and "runs/demo-stage1/ckpt/latest" in line, line
+    assert "run `make pretrain-stage1` first or pass INIT=" in line
