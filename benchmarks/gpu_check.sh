@@ -6,6 +6,8 @@
 # 2. benchmarks/fused_ce.py on CUDA: Triton vs naive vs Liger (README row "fused_ce.py --device cuda").
 # 3. benchmarks/train_step.py: tokens/s and MFU of emu3_1b at 5,120 tokens, bf16, per attention
 #    implementation (README row "single-GPU tokens/s and MFU").
+# 4. The trainer under torchrun with one process: a real cpu:gloo,cuda:nccl group, so every
+#    collective of a step, the stop flag and the checkpoint barriers go through NCCL once.
 # PY: a Python with torch (CUDA), triton and this project's dependencies; the project itself is
 # installed without dependencies first (its kernels/ and data_pipelines/ install as emu3_train.*).
 # The lent device machines have python3 with torch 2.11 + triton but no hydra-core, omegaconf,
@@ -31,4 +33,10 @@ export PYTHONUNBUFFERED=1
     --precision bf16 --recompute selective --impls sdpa,flex,varlen
   "$PY" benchmarks/train_step.py --device cuda --model emu3_1b --seq-len 5120 --doc-len 1024 \
     --precision bf16 --recompute selective --impls flex,varlen --compile
+  echo "== trainer under torchrun, one process, real NCCL group"
+  "$PY" -m emu3_train.data_pipelines.demo --out "$OUT/demo" >/dev/null
+  "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 -m emu3_train.train experiment=demo \
+    data.path="$OUT/demo/train" eval.task=none wandb.mode=disabled trainer.device=cuda \
+    trainer.precision=bf16 trainer.max_steps=30 trainer.log_interval=10 checkpoint.interval=10 \
+    out_dir="$OUT/smoke" run_name=nccl && echo "nccl smoke: ok"
 } 2>&1 | tee "$OUT/gpu_check.log"

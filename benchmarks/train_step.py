@@ -55,8 +55,9 @@ def synthetic_batch(rows: int, seq_len: int, doc_len: int, vocab, seed: int = 0)
 def worker(args) -> dict:
     from emu3_train.flops import peak_flops, step_flops, total_params
     from emu3_train.metrics import doc_lengths
-    from emu3_train.model.decoder import Emu3CausalLM, apply_compile, apply_recompute
+    from emu3_train.build import build_model
     from emu3_train.optim import build_optimizer
+    from emu3_train.parallel.dims import ParallelDims
     from emu3_train.recipes import compose
     from emu3_train.step import StepContext, clip_grad_norm, forward_backward
     from emu3_train.vocab import get_vocab
@@ -68,21 +69,18 @@ def worker(args) -> dict:
     vocab = get_vocab(cfg.data.vocab)
     vocab_size = cfg.model.vocab_size or vocab.size
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    model = Emu3CausalLM(cfg.model, vocab_size).to(device)
-    apply_recompute(model, cfg.model.recompute)
-    if cfg.trainer.compile:
-        apply_compile(model)
+    # the trainer's own set-up: meta build, passes (recompute, compile), local init, step plan
+    model, plan = build_model(cfg, vocab_size, ParallelDims(1, 1, 1), None, device)
     optimizer = build_optimizer(model, cfg.optim)
     batch = synthetic_batch(args.micro, args.seq_len, args.doc_len, vocab)
-    ctx = StepContext(device=device, bf16=args.precision == "bf16", vision_start=vocab.vision_start)
+    ctx = StepContext(bf16=args.precision == "bf16", vision_start=vocab.vision_start)
     flops = step_flops(cfg.model, vocab_size, doc_lengths(batch, vocab.pad))
     times = []
     for i in range(args.warmup + args.steps):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        forward_backward(model, [batch], ctx)
+        forward_backward(model, [batch], ctx, plan)
         clip_grad_norm(model, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -25,7 +25,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import threading
 import time
@@ -101,21 +100,23 @@ class CheckpointManager:
 
     ``on_durable(path, seconds)`` is called on rank 0 once a checkpoint is published (from the
     background writer thread for async saves): ``seconds`` from the start of the save.
+    ``after_launch(step)`` is called once an async save is writing (the fault tests' hook).
     """
 
     def __init__(self, ckpt_dir: str | os.PathLike, *, async_save: bool = False, keep_last: int = 0,
                  keep_every: int = 0, is_rank0: bool = True,
-                 on_durable: Callable[[Path, float], None] | None = None):
+                 on_durable: Callable[[Path, float], None] | None = None,
+                 after_launch: Callable[[int], None] | None = None):
         self.dir = Path(ckpt_dir)
         self.async_save, self.keep_last, self.keep_every = async_save, keep_last, keep_every
         self.is_rank0 = is_rank0
-        self.on_durable = on_durable
+        self.on_durable, self.after_launch = on_durable, after_launch
         self._pending = None  # (future, published event, holder of the publishing error)
         # background writes must not share a process group with the training collectives
         self._group = dist.new_group(backend="gloo") if _world() > 1 else None
 
     def save(self, step: int, model, optimizer, scheduler, loader_state: dict, config: dict,
-             tokens_seen: int, kill_after_launch: bool = False) -> Path:
+             tokens_seen: int) -> Path:
         """Start writing ``step_{step:06d}``; returns its final path (complete after :meth:`wait`)."""
         self.wait()
         t0 = time.perf_counter()
@@ -148,8 +149,8 @@ class CheckpointManager:
                                                                            error))
             else:
                 published.set()
-            if kill_after_launch:  # fault-injection hook: die while shards are being written
-                os.kill(os.getpid(), signal.SIGKILL)
+            if self.after_launch is not None:
+                self.after_launch(step)
         else:
             _quiet(dcp.save, state, checkpoint_id=str(tmp), process_group=self._group)
             _barrier()

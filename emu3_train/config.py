@@ -105,7 +105,8 @@ class TrainerConfig:
     device: str = "auto"  # auto (cuda if present) | cpu | cuda
     threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
     compile: bool = False  # torch.compile each decoder block (after recompute, before FSDP2)
-    max_bad_steps: int = 5  # consecutive non-finite steps before training halts
+    max_bad_steps: int = 5  # consecutive non-finite steps before training halts (checked at log steps)
+    stop_check_interval: int = 10  # steps between reads of the ranks' stop flag (SIGTERM), besides log steps
     spike_factor: float = 0.0  # log a warning when loss > spike_factor x running mean; 0 = off
     sample_interval: int = 0  # steps between in-run samples (sample.*: images + a caption); 0 = off
     peak_tflops: float = 0.0  # per-GPU peak for perf/mfu; 0 = from the GPU's name (emu3_train.flops)
@@ -228,7 +229,7 @@ RANGES: dict[str, Range] = {
     "trainer.max_steps": _AT_LEAST_1, "trainer.log_interval": _AT_LEAST_1, "trainer.seed": _AT_LEAST_0,
     "trainer.threads": _AT_LEAST_0, "trainer.max_bad_steps": _AT_LEAST_1,
     "trainer.spike_factor": _AT_LEAST_0, "trainer.sample_interval": _AT_LEAST_0,
-    "trainer.peak_tflops": _AT_LEAST_0,
+    "trainer.peak_tflops": _AT_LEAST_0, "trainer.stop_check_interval": _AT_LEAST_1,
     "checkpoint.interval": _AT_LEAST_0, "checkpoint.keep_last": _AT_LEAST_0,
     "checkpoint.keep_every": _AT_LEAST_0,
     "eval.samples_per_class": _AT_LEAST_1, "eval.temperature": _AT_LEAST_0,  # 0 = greedy
@@ -362,8 +363,9 @@ def validate(cfg: TrainConfig, world_size: int = 1, vocab_size: int | None = Non
         raise ConfigError("checkpoint.init_from is required: this recipe continues an earlier stage "
                           "(checkpoint.init_required=true); set checkpoint.init_from=RUN/ckpt/latest "
                           "(make pretrain-stage2 INIT=...)")
-    fault_pattern = r"(nan_loss|sigkill_in_save)@\d+|(raise|hang)@\d+:\d+"
-    if t.fault is not None and not re.fullmatch(fault_pattern, t.fault):
+    from emu3_train.faults import FAULT_PATTERN
+
+    if t.fault is not None and not re.fullmatch(FAULT_PATTERN, t.fault):
         raise ConfigError(f"trainer.fault={t.fault!r}: expected nan_loss@STEP, sigkill_in_save@STEP, "
                           "raise@STEP:RANK or hang@STEP:RANK")
 

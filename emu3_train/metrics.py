@@ -46,6 +46,63 @@ def doc_lengths(batch: dict, pad_id: int) -> list[int]:
     return [b - a for a, b, keep in zip(cu[:-1], cu[1:], is_doc) if keep]
 
 
+STEP_KEYS = ("train/loss", "train/loss_text", "train/loss_vision", "train/grad_norm", "finite", "stop")
+
+
+class StepWindow:
+    """The steps since the last read, their statistics kept as device tensors until :meth:`read`
+    copies them to the host in one transfer (the only host sync of a logging interval)."""
+
+    def __init__(self):
+        self._device: list[dict] = []
+        self._host: list[dict] = []
+
+    def __len__(self) -> int:
+        return len(self._host)
+
+    def add(self, device_stats: dict, host_stats: dict) -> None:
+        """One step: ``device_stats`` holds :data:`STEP_KEYS` (0-dim tensors), ``host_stats`` plain
+        numbers (step, tokens, pad, docs, rows, lr)."""
+        self._device.append({k: device_stats[k] for k in STEP_KEYS})
+        self._host.append(host_stats)
+
+    def read(self) -> list[dict]:
+        """Every step's statistics as floats (one device-to-host copy), and the window emptied."""
+        if not self._host:
+            return []
+        stacked = torch.stack([torch.stack([d[k].detach().double().reshape(()) for k in STEP_KEYS])
+                               for d in self._device]).tolist()
+        steps = [{**h, **dict(zip(STEP_KEYS, values))} for h, values in zip(self._host, stacked)]
+        self._device, self._host = [], []
+        return steps
+
+
+class SpikeDetector:
+    """Warns when a loss exceeds ``factor`` x the running mean (EMA 0.9) of the finite losses before."""
+
+    def __init__(self, factor: float):
+        self.factor, self.mean = factor, None
+
+    def check(self, loss: float) -> str | None:
+        """The warning for ``loss`` (None if it is no spike), then update the running mean."""
+        if not math.isfinite(loss):
+            return None
+        spike = bool(self.factor and self.mean is not None and loss > self.factor * self.mean)
+        message = f"loss spike {loss:.4f} > {self.factor} x running mean {self.mean:.4f}" if spike else None
+        self.mean = loss if self.mean is None else 0.9 * self.mean + 0.1 * loss
+        return message
+
+
+def window_means(steps: list[dict]) -> dict:
+    """Mean of each loss and the grad norm over the steps that have it (a class absent from a
+    step, or a skipped step, reports NaN)."""
+    out = {}
+    for k in ("train/loss", "train/loss_text", "train/loss_vision", "train/grad_norm"):
+        values = [m[k] for m in steps if math.isfinite(m[k])]
+        out[k] = sum(values) / len(values) if values else float("nan")
+    return out
+
+
 class PerfMeter:
     """Model FLOPs and peak memory over a log interval -> ``perf/tflops_per_gpu``, ``perf/mfu``,
     ``perf/mem_gb`` (peak CUDA memory allocated in the interval, or the process's peak RSS on CPU)."""

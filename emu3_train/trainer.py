@@ -11,28 +11,36 @@ targets 0.
 
 from __future__ import annotations
 
-import math
 import signal
 import sys
 import time
-from dataclasses import asdict
+import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from emu3_train.checkpoint import CheckpointManager, load_checkpoint, load_weights
+from emu3_train.build import build_model
+from emu3_train.checkpoint import CheckpointManager, load_checkpoint
 from emu3_train.config import ConfigError, TrainConfig, validate
 from emu3_train.data.blend import open_blend
 from emu3_train.data.index import ShardError
 from emu3_train.data.loader import PackedLoader
 from emu3_train.data.stream import ShardSet
-from emu3_train.metrics import MetricLogger, PerfMeter, format_summary
+from emu3_train.faults import FaultHook
+from emu3_train.metrics import (
+    MetricLogger,
+    PerfMeter,
+    SpikeDetector,
+    StepWindow,
+    format_summary,
+    window_means,
+)
 from emu3_train.model.decoder import Emu3CausalLM
-from emu3_train.optim import build_optimizer, build_scheduler
+from emu3_train.optim import apply_update, build_optimizer, build_scheduler
 from emu3_train.parallel.dims import ParallelDims
 from emu3_train.parallel.mesh import build_mesh, init_distributed, named_collective
-from emu3_train.parallel.parallelize import parallelize
 from emu3_train.samples import InRunSampler
 from emu3_train.step import StepContext, clip_grad_norm, forward_backward
 from emu3_train.vocab import get_vocab
@@ -48,6 +56,14 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("trainer.device=cuda but no CUDA device is available")
     return torch.device(name)
+
+
+@dataclass
+class TrainState:
+    """What the loop itself has done: optimizer steps and tokens of the whole global batch."""
+
+    step: int = 0
+    tokens: int = 0
 
 
 class Trainer:
@@ -74,17 +90,18 @@ class Trainer:
         self.rank, _ = init_distributed(self.device.type, cfg.parallel.timeout_s)
         self.is_rank0 = self.rank == 0
         self.mesh = build_mesh(self.dims, self.device.type)
-        dp_rank, self.cp_rank, _ = self.dims.coords(self.rank)
-        torch.manual_seed(cfg.trainer.seed)  # identical weights on every rank before the passes
+        dp_rank, _, _ = self.dims.coords(self.rank)
+        self.faults = FaultHook.from_spec(cfg.trainer.fault, self.rank)
 
         self.vocab_size = cfg.model.vocab_size or self.vocab.size
-        self.model = Emu3CausalLM(cfg.model, self.vocab_size).to(self.device)
         self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "ckpt")
         resume_from = self._resume_source(cfg.checkpoint.resume)
-        if cfg.checkpoint.init_from and resume_from is None:  # a requeued job resumes instead
-            load_weights(cfg.checkpoint.init_from, self.model)
-        parallelize(self.model, self.dims, self.mesh, cfg)
-        self.step_ctx = self._step_context()
+        init_from = cfg.checkpoint.init_from if resume_from is None else None  # a requeued job resumes
+        self.model, self.plan = build_model(cfg, self.vocab_size, self.dims, self.mesh, self.device,
+                                            self.rank, weights=init_from, init=resume_from is None)
+        self.step_ctx = StepContext(bf16=cfg.trainer.precision == "bf16",
+                                    vision_start=self.vocab.vision_start, z_loss=cfg.loss.z_loss,
+                                    impl=cfg.loss.impl, chunk_size=cfg.loss.chunk_size)
         self.perf = PerfMeter(cfg.model, self.vocab_size, self.dims.cp * self.dims.tp, self.device,
                               cfg.trainer.precision, cfg.trainer.peak_tflops)
         torch.manual_seed(cfg.trainer.seed + 1 + self.rank)  # per-rank dropout streams
@@ -99,10 +116,14 @@ class Trainer:
             prefetch=cfg.data.prefetch, on_bad_sample=cfg.data.on_bad_sample, tasks=cfg.data.tasks)
         self.checkpoints = CheckpointManager(
             self.ckpt_dir, async_save=cfg.checkpoint.async_save, keep_last=cfg.checkpoint.keep_last,
-            keep_every=cfg.checkpoint.keep_every, is_rank0=self.is_rank0, on_durable=self._on_durable)
-        self.step, self.tokens_seen, self.bad_steps = 0, 0, 0
-        self.loss_mean: float | None = None  # running mean for spike detection
-        self.stop_signal: str | None = None
+            keep_every=cfg.checkpoint.keep_every, is_rank0=self.is_rank0, on_durable=self._on_durable,
+            after_launch=self.faults.after_save_launch)
+        self.state = TrainState()
+        self.window = StepWindow()  # this interval's step statistics, still on the device
+        self.bad_steps = 0
+        self.spikes = SpikeDetector(cfg.trainer.spike_factor)
+        self.stop_signal: str | None = None  # this rank's, or any rank's once the flag was read
+        self._stop_read = False  # some rank's stop flag was read: every rank stops at this step
         if resume_from is not None:
             self._resume(resume_from)
         self.logger = MetricLogger(cfg.wandb, self.run_dir, cfg.run_name, asdict(cfg), self.is_rank0)
@@ -142,22 +163,6 @@ class Trainer:
                            f"{result['caption']!r}")
         return result
 
-    def _step_context(self) -> StepContext:
-        cfg = self.cfg
-        ctx = StepContext(device=self.device, bf16=cfg.trainer.precision == "bf16",
-                          vision_start=self.vocab.vision_start, z_loss=cfg.loss.z_loss,
-                          impl=cfg.loss.impl, chunk_size=cfg.loss.chunk_size, mesh=self.mesh)
-        if self.dims.tp > 1:
-            from emu3_train.parallel.tensor_parallel import output_shard
-
-            ctx.head = output_shard
-        if self.dims.cp > 1:
-            from emu3_train.parallel.context_parallel import CP_EXTRA_INPUTS, shard_batch
-
-            ctx.shard = lambda batch: shard_batch(batch, self.cp_rank, self.dims.cp)
-            ctx.extra_inputs = CP_EXTRA_INPUTS
-        return ctx
-
     def _resume_source(self, where: str | None) -> Path | None:
         """What ``checkpoint.resume`` resumes from: a PATH, the run's own checkpoints for ``latest``
         (None, and a fresh start, until the run has one), or None when not resuming."""
@@ -175,119 +180,123 @@ class Trainer:
     def _resume(self, path: Path) -> None:
         meta = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
         self.loader.load_state_dict(meta["loader"])
-        self.step, self.tokens_seen = int(meta["step"]), int(meta["tokens_seen"]) // self.dp
+        self.state = TrainState(step=int(meta["step"]), tokens=int(meta["tokens_seen"]))
         if self.is_rank0:
             print(f"resumed from {meta['path']} at step {self.step}", flush=True)
 
-    def _fault(self, kind: str) -> bool:
-        """Test hook ``trainer.fault=KIND@STEP[:RANK]``: true at the step (and on the rank) it names."""
-        fault = self.cfg.trainer.fault or ""
-        return fault in (f"{kind}@{self.step + 1}", f"{kind}@{self.step + 1}:{self.rank}")
-
-    def _inject_rank_fault(self) -> None:
-        if self._fault("raise"):
-            raise RuntimeError(f"injected fault on rank {self.rank} at step {self.step + 1}")
-        time.sleep(10**6)  # "hang": peers must time out in their next collective
+    @property
+    def step(self) -> int:
+        """Optimizer steps done (``TrainState.step``)."""
+        return self.state.step
 
     # -- one optimizer step ----------------------------------------------------------------------
-    def train_step(self) -> dict:
+    def step_once(self, batches: list[dict] | None = None) -> None:
+        """One optimizer step without waiting for the device: its statistics go to :attr:`window`
+        as device tensors (read by :meth:`read_window`). A non-finite step is not applied.
+        ``batches``: the step's micro-batches (default: the next ``grad_accum`` from the loader)."""
         cfg = self.cfg
-        batches = [next(self.loader) for _ in range(self.accum)]
-        self.step_ctx.fault_nan = self._fault("nan_loss")
-        if self._fault("raise") or self._fault("hang"):
-            self._inject_rank_fault()
-        out = forward_backward(self.model, batches, self.step_ctx)
+        batches = batches or [next(self.loader) for _ in range(self.accum)]
+        poison = self.faults.at_step(self.state.step + 1)
+        out = forward_backward(self.model, batches, self.step_ctx, self.plan, poison=poison,
+                               stop=int(self.stop_signal is not None))
         self.perf.add(batches, self.vocab.pad)
         grad_norm = clip_grad_norm(self.model, cfg.optim.grad_clip)
-        finite = math.isfinite(out["loss"]) and math.isfinite(grad_norm)
-        if finite:
-            self.optimizer.step()
-            self.scheduler.step()
-            self.bad_steps = 0
-        else:
-            self.bad_steps += 1
+        finite = torch.isfinite(out["loss"]) & torch.isfinite(grad_norm)  # the same on every rank
+        apply_update(self.optimizer, finite)
+        with warnings.catch_warnings():  # a skipped first step is not the misuse torch warns about
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            self.scheduler.step()  # the schedule follows the step count, applied or skipped
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        n_tokens = sum(int(b["tokens"].numel()) for b in batches)  # this dp rank's rows
-        self.tokens_seen += n_tokens
-        return {"train/loss": out["loss"], "train/loss_text": out["loss_text"],
-                "train/loss_vision": out["loss_vision"], "train/grad_norm": grad_norm,
-                "train/lr": self.scheduler.get_last_lr()[0], "train/skipped_step": 0.0 if finite else 1.0,
-                "tokens": n_tokens, "pad": sum(b["num_pad"] for b in batches),
-                "docs": sum(b["num_docs"] for b in batches),
-                "rows": sum(int(b["tokens"].shape[0]) for b in batches)}
+        self.state.step += 1
+        self.state.tokens += cfg.data.global_batch_size * cfg.data.seq_len
+        self.window.add({**out, "train/grad_norm": grad_norm, "finite": finite,
+                         "train/loss": out["loss"], "train/loss_text": out["loss_text"],
+                         "train/loss_vision": out["loss_vision"]}, {
+            "step": self.state.step, "train/lr": self.scheduler.get_last_lr()[0],
+            "tokens": sum(int(b["tokens"].numel()) for b in batches),  # this dp rank's rows
+            "pad": sum(b["num_pad"] for b in batches), "docs": sum(b["num_docs"] for b in batches),
+            "rows": sum(int(b["tokens"].shape[0]) for b in batches)})
+
+    def read_window(self) -> list[dict]:
+        """Read the unread steps' statistics (one host sync) and act on them in step order: count
+        and report skipped steps (halting after ``trainer.max_bad_steps`` in a row), warn about
+        loss spikes, and take up a stop flag any rank raised. Every rank reads at the same steps."""
+        steps = self.window.read()
+        for m in steps:
+            m["train/skipped_step"] = 0.0 if m["finite"] else 1.0
+            if m["finite"]:
+                self.bad_steps = 0
+            else:
+                self.bad_steps += 1
+                tqdm.write(f"step {m['step']}: non-finite loss/grad norm, update skipped "
+                           f"({self.bad_steps} in a row)")
+                if self.bad_steps >= self.cfg.trainer.max_bad_steps:
+                    raise TrainingError(f"{self.bad_steps} consecutive non-finite steps "
+                                        f"(trainer.max_bad_steps={self.cfg.trainer.max_bad_steps}); stopping")
+            spike = self.spikes.check(m["train/loss"])
+            if spike and self.is_rank0:
+                tqdm.write(f"step {m['step']}: {spike}")
+            if m["stop"]:
+                self._stop_read = True
+                self.stop_signal = self.stop_signal or "SIGTERM"  # another rank's (the one handled)
+        return steps
+
+    def train_step(self) -> dict:
+        """:meth:`step_once`, then read its statistics at once (tests and tools; :meth:`fit` reads
+        only at log and stop-check steps)."""
+        self.step_once()
+        return self.read_window()[-1]
 
     # -- the loop --------------------------------------------------------------------------------
     def fit(self) -> dict:
-        cfg = self.cfg
-        bar = tqdm(total=cfg.trainer.max_steps, initial=self.step, disable=not self.is_rank0,
+        cfg, t = self.cfg, self.cfg.trainer
+        bar = tqdm(total=t.max_steps, initial=self.step, disable=not self.is_rank0,
                    desc="train", unit="step", dynamic_ncols=True,
                    mininterval=1.0 if sys.stderr.isatty() else 60.0)  # log files: a line a minute
-        window: list[dict] = []
+        interval: list[dict] = []  # steps read since the last summary
         t_window = time.perf_counter()
         last = {}
         previous = signal.signal(signal.SIGTERM, self._on_signal)
         try:
-            while self.step < cfg.trainer.max_steps and not self._should_stop():
-                m = self.train_step()
-                window.append(m)
+            while self.step < t.max_steps and not self._should_stop():
+                self.step_once()
                 bar.update(1)
-                self._check_spike(m["train/loss"])
-                if not math.isfinite(m["train/loss"]) or m["train/skipped_step"]:
-                    tqdm.write(f"step {self.step}: non-finite loss/grad norm, update skipped "
-                               f"({self.bad_steps} in a row)")
-                    if self.bad_steps >= cfg.trainer.max_bad_steps:
-                        raise TrainingError(f"{self.bad_steps} consecutive non-finite steps "
-                                            f"(trainer.max_bad_steps={cfg.trainer.max_bad_steps}); stopping")
-                if self.step % cfg.trainer.log_interval == 0 or self.step == cfg.trainer.max_steps:
-                    last = self._summarize(window, time.perf_counter() - t_window)
+                log = self.step % t.log_interval == 0 or self.step == t.max_steps
+                if log or self.step % t.stop_check_interval == 0:
+                    interval += self.read_window()
+                if log:
+                    last = self._summarize(interval, time.perf_counter() - t_window)
                     bar.set_postfix(loss=f"{last['train/loss']:.3f}")
                     if self.is_rank0:
-                        tqdm.write(format_summary(self.step, cfg.trainer.max_steps, last))
+                        tqdm.write(format_summary(self.step, t.max_steps, last))
                         sys.stdout.flush()  # summary lines reach log files as they happen
                     self.logger.log(last, self.step)
-                    window, t_window = [], time.perf_counter()
+                    interval, t_window = [], time.perf_counter()
                 if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
                     self.save()
-                if self.sampler is not None and self.step % cfg.trainer.sample_interval == 0:
+                if self.sampler is not None and self.step % t.sample_interval == 0:
                     t0 = time.perf_counter()
                     self.sample()
                     t_window += time.perf_counter() - t0  # sampling time is not training throughput
+            self.read_window()  # a stop between reads: the steps since are still reported
         finally:
             bar.close()  # so an error message starts on its own line
             signal.signal(signal.SIGTERM, previous)
         return last
 
     def _should_stop(self) -> bool:
-        """True once any rank got a stop signal (all ranks agree, so they stop at the same step)."""
+        """True once a stop signal is known: on one process at once; with several, once the flag
+        (riding on each step's loss-weight all-reduce) was read, so every rank stops at one step."""
         if self.world_size == 1:
             return self.stop_signal is not None
-        flag = torch.tensor([0 if self.stop_signal is None else int(signal.Signals[self.stop_signal])])
-        named_collective("all_reduce(stop flag)", torch.distributed.all_reduce, flag,
-                         op=torch.distributed.ReduceOp.MAX)
-        if flag.item() and self.stop_signal is None:
-            self.stop_signal = signal.Signals(int(flag.item())).name
-        return bool(flag.item())
+        return self._stop_read
 
     def _on_signal(self, signum, frame) -> None:
         """SIGTERM (slurm's preemption notice): finish this step, checkpoint, exit 0."""
         self.stop_signal = signal.Signals(signum).name
 
-    def _check_spike(self, loss: float) -> None:
-        factor = self.cfg.trainer.spike_factor
-        if not math.isfinite(loss):
-            return
-        if factor and self.loss_mean is not None and loss > factor * self.loss_mean and self.is_rank0:
-            tqdm.write(f"step {self.step}: loss spike {loss:.4f} > {factor} x running mean "
-                       f"{self.loss_mean:.4f}")
-        self.loss_mean = loss if self.loss_mean is None else 0.9 * self.loss_mean + 0.1 * loss
-
     def _summarize(self, window: list[dict], seconds: float) -> dict:
-        out = {}
-        for k in ("train/loss", "train/loss_text", "train/loss_vision", "train/grad_norm"):
-            # a class absent from a step reports NaN; average over the steps that had it
-            values = [m[k] for m in window if math.isfinite(m[k])]
-            out[k] = sum(values) / len(values) if values else float("nan")
+        out = window_means(window)
         tokens = sum(m["tokens"] for m in window)
         out.update({
             "train/lr": window[-1]["train/lr"],
@@ -297,7 +306,7 @@ class Trainer:
             "data/fill": 1.0 - sum(m["pad"] for m in window) / max(1, tokens),
             "data/docs_per_row": sum(m["docs"] for m in window) / max(1, sum(m["rows"] for m in window)),
             "data/skipped": self._skipped_docs(),
-            "train/tokens_seen": float(self.tokens_seen * self.dp),
+            "train/tokens_seen": float(self.state.tokens),
             **self.perf.summarize(seconds),
         })
         return out
@@ -306,10 +315,8 @@ class Trainer:
         """Documents skipped so far: oversize and unreadable shards (planned alike on every rank)
         plus bad samples (each rank sees those of its own rows, so they are summed over dp)."""
         stats = self.loader.stats()
-        bad = torch.tensor([float(stats.get("skipped_bad", 0))], dtype=torch.float64)
-        if self.mesh is not None and self.dp > 1:
-            named_collective("all_reduce(data/skipped) over 'dp'", torch.distributed.all_reduce, bad,
-                             group=self.mesh["dp"].get_group())
+        bad = torch.tensor([float(stats.get("skipped_bad", 0))], dtype=torch.float64, device=self.device)
+        self.plan.all_reduce(bad, "dp", "data/skipped")  # at log steps only
         return float(stats.get("skipped", 0)) - float(stats.get("skipped_bad", 0)) + float(bad)
 
     def _on_durable(self, path: Path, seconds: float) -> None:
@@ -320,10 +327,8 @@ class Trainer:
 
     def save(self, wait: bool = False) -> Path:
         """Checkpoint the current step (in the background with ``checkpoint.async_save``)."""
-        kill = self.cfg.trainer.fault == f"sigkill_in_save@{self.step}"  # fault-injection test hook
         path = self.checkpoints.save(self.step, self.model, self.optimizer, self.scheduler,
-                                     self.loader.state_dict(), asdict(self.cfg),
-                                     self.tokens_seen * self.dp, kill_after_launch=kill)
+                                     self.loader.state_dict(), asdict(self.cfg), self.state.tokens)
         if wait:
             self.checkpoints.wait()
         return path

@@ -72,10 +72,14 @@ def _validate(hidden, weight, labels, loss_weight, vocab_start, tp_group, ignore
     if tp_group is None and vocab_start != 0:
         raise ValueError(f"vocab_start={vocab_start} needs a tp_group (a vocabulary shard)")
     if tp_group is None and n:
-        counted = labels[labels != ignore_index]
-        if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= weight.shape[0]):
-            raise ValueError(f"labels must be in [0, {weight.shape[0]}) or {ignore_index} "
-                             f"(ignore_index); got min {int(counted.min())}, max {int(counted.max())}")
+        v = weight.shape[0]
+        valid = ((labels == ignore_index) | ((labels >= 0) & (labels < v))).all()
+        message = f"labels must be in [0, {v}) or {ignore_index} (ignore_index)"
+        try:  # on a GPU the check runs on the device (no host sync) and fails as a device assert
+            torch._assert_async(valid, message)
+        except RuntimeError:  # on the CPU it fails at once
+            counted = labels[labels != ignore_index]
+            raise ValueError(f"{message}; got min {int(counted.min())}, max {int(counted.max())}") from None
 
 
 def fused_linear_cross_entropy(

@@ -20,9 +20,11 @@ num_docs         int             pieces (document segments) in the batch
 num_pad          int             padding tokens
 num_vision       int             visual-code tokens among ``tokens``
 num_tokens       int             non-padding tokens (``B*S - num_pad``)
+weight_sum       float           ``loss_weight.sum()`` (fp64), so the step's loss normalization
+                                 never reads a device tensor back
 ===============  ==============  ==================================================================
 
-Tensors are CPU torch tensors; ``batch_to(batch, device)`` moves them.
+Tensors are CPU torch tensors (``parallel.step_plan.StepPlan.prepare`` moves a rank's part).
 """
 
 from __future__ import annotations
@@ -97,10 +99,6 @@ def build_batch(
         "num_pad": num_pad,
         "num_vision": int(vocab.is_vision(tok).sum()),
         "num_tokens": b * s - num_pad,
+        "weight_sum": float(weight.sum(dtype=np.float64)),
     }
 
-
-def batch_to(batch: dict, device, non_blocking: bool = False) -> dict:
-    """A copy of ``batch`` with its tensors on ``device`` (ints stay ints)."""
-    return {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
-            for k, v in batch.items()}

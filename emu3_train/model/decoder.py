@@ -17,6 +17,8 @@ that ``parallel/parallelize.py`` applies like the others; the attention kernel i
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -81,10 +83,11 @@ class DecoderLayer(nn.Module):
 def document_layout(
     cu_seqlens: torch.Tensor, position_ids: torch.Tensor, token_index: torch.Tensor | None = None
 ) -> DocumentLayout:
-    """The single-process layout of a whole batch (:attr:`Decoder.make_layout`'s default).
+    """The single-process layout of a whole batch (what plain attention cores take).
 
-    ``token_index`` marks a context-parallel shard; only the layout that
-    ``parallel.context_parallel.apply_cp`` installs knows what to do with it.
+    ``token_index`` marks a context-parallel shard; only a context-parallel attention core (which
+    ``parallel.context_parallel.apply_cp`` installs, with its own ``layout``) knows what to do
+    with it.
     """
     if token_index is not None:
         raise ValueError("token_index marks a context-parallel shard, but this model has no "
@@ -107,10 +110,6 @@ class Decoder(nn.Module):
         self.rope_theta = cfg.rope_theta
         self.head_dim = cfg.hidden_size // cfg.num_heads
         self.init_std = cfg.init_std
-        self.recompute = "none"  # set by apply_recompute
-        # (cu_seqlens, position_ids, token_index) -> the ``docs`` every attention core receives;
-        # context parallelism swaps it for a layout that knows the shard's global token indices.
-        self.make_layout = document_layout
         self.embed_tokens = nn.Embedding(vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -144,19 +143,20 @@ class Decoder(nn.Module):
         if tokens.shape != position_ids.shape:
             raise ValueError(f"tokens {tuple(tokens.shape)} and position_ids "
                              f"{tuple(position_ids.shape)} must have the same [B, S] shape")
-        docs = self.make_layout(cu_seqlens, position_ids, token_index)
+        docs = self.layout(cu_seqlens, position_ids, token_index)
         x = self.embed_tokens(tokens)
         cos, sin = rope_cos_sin(position_ids, self.head_dim, self.rope_theta, dtype=x.dtype)
-        recompute = self.recompute if torch.is_grad_enabled() else "none"
         for layer in self.layers:
-            if recompute == "full":
-                x = checkpoint(layer, x, cos, sin, docs, use_reentrant=False)
-            elif recompute == "selective":
-                x = checkpoint(layer, x, cos, sin, docs, use_reentrant=False,
-                               context_fn=selective_checkpoint_context)
-            else:
-                x = layer(x, cos, sin, docs)
+            x = layer(x, cos, sin, docs)
         return self.norm(x)
+
+    def layout(self, cu_seqlens: torch.Tensor, position_ids: torch.Tensor,
+               token_index: torch.Tensor | None = None) -> DocumentLayout:
+        """The ``docs`` every attention core of this forward receives, built once: the attention
+        cores say which layout they take (a context-parallel core's ``layout`` knows its group and
+        the shard's global token indices); plain cores take :func:`document_layout`'s."""
+        core = self.layers[0].self_attn.core if len(self.layers) else None
+        return getattr(core, "layout", document_layout)(cu_seqlens, position_ids, token_index)
 
 
 class Emu3CausalLM(nn.Module):
@@ -205,25 +205,63 @@ def _decoder_of(model: nn.Module, caller: str) -> Decoder:
     return decoder
 
 
+class _Recomputed:
+    """Mixin of a recomputed decoder block: its forward runs under ``torch.utils.checkpoint``.
+
+    :func:`apply_recompute` swaps each block's class for ``Recomputed<Block>(_Recomputed, Block)``
+    (as FSDP2's ``fully_shard`` does), so parameter names, ``isinstance`` and the module tree stay
+    as they are, and a later pass (``torch.compile``, FSDP2) wraps the checkpointed block.
+    """
+
+    recompute_mode = "full"
+
+    def forward(self, *args):
+        if not torch.is_grad_enabled():  # sampling and evaluation: nothing to recompute
+            return super().forward(*args)
+        context = selective_checkpoint_context if self.recompute_mode == "selective" else None
+        kwargs = {"context_fn": context} if context is not None else {}
+        return checkpoint(super().forward, *args, use_reentrant=False, **kwargs)
+
+
+@functools.cache
+def _recomputed_class(cls: type, mode: str) -> type:
+    """One ``Recomputed<Block>`` class per block class and mode (every block shares it)."""
+    return type(f"Recomputed{cls.__name__}", (_Recomputed, cls), {"recompute_mode": mode})
+
+
 def apply_recompute(model: nn.Module, mode: str) -> None:
     """Activation recompute pass: ``mode`` is ``model.recompute`` (none | full | selective).
 
-    ``full`` recomputes each decoder layer in backward (``torch.utils.checkpoint``,
+    ``full`` recomputes each decoder block in backward (``torch.utils.checkpoint``,
     non-reentrant, RNG state preserved so dropout masks match). ``selective`` checkpoints each
-    layer too but keeps matmul and attention outputs, recomputing only the pointwise ops
-    (``model/recompute.py``). Parameter names are unchanged. Accepts an :class:`Emu3CausalLM` or
-    a :class:`Decoder`.
+    block too but keeps matmul and attention outputs, recomputing only the pointwise ops
+    (``model/recompute.py``). Each block is wrapped in place (its class becomes a recomputed
+    subclass, see :class:`_Recomputed`), so the compile pass applied after it compiles the wrapped
+    block, as torchtitan does. Parameter names are unchanged. Accepts an :class:`Emu3CausalLM` or
+    a :class:`Decoder`; apply it once.
     """
     if mode not in RECOMPUTE_MODES:
         raise ConfigError(f"model.recompute={mode!r} is not supported; choose one of {RECOMPUTE_MODES}")
-    _decoder_of(model, "apply_recompute").recompute = mode
+    layers = _decoder_of(model, "apply_recompute").layers
+    if mode == "none":
+        return
+    for layer in layers:
+        if isinstance(layer, _Recomputed):
+            raise RuntimeError("apply_recompute: the decoder blocks are already recomputed; apply it once")
+        layer.__class__ = _recomputed_class(type(layer), mode)
+
+
+def recompute_mode(model: nn.Module) -> str:
+    """The recompute mode :func:`apply_recompute` gave the decoder's blocks ("none" before)."""
+    layers = _decoder_of(model, "recompute_mode").layers
+    return layers[0].recompute_mode if len(layers) and isinstance(layers[0], _Recomputed) else "none"
 
 
 def apply_compile(model: nn.Module) -> None:
     """``torch.compile`` pass: each decoder layer is compiled in place (``nn.Module.compile``), as
-    torchtitan does per block, so parameter names, recompute (which wraps the compiled layer) and
-    FSDP2 (applied after, per layer) are unchanged. Shapes are static for a recipe (``seq_len``,
-    micro-batch), so each layer compiles once, plus once more for the layer that first builds the
-    step's shared attention mask."""
+    torchtitan does per block, after :func:`apply_recompute` (the compiled function is the
+    checkpointed block) and before FSDP2 (applied after, per layer); parameter names are
+    unchanged. Shapes are static for a recipe (``seq_len``, micro-batch), so each layer compiles
+    once, plus once more for the layer that first builds the step's shared attention mask."""
     for layer in _decoder_of(model, "apply_compile").layers:
         layer.compile()

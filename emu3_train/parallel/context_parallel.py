@@ -43,6 +43,7 @@ from emu3_train.model.varlen import VarlenCore
 from emu3_train.parallel.cp_attention import (
     AllGatherCore,
     AutoAllGatherCore,
+    ContextParallelCore,
     FlexAllGatherCore,
     RowOrderAttention,
     cp_block_mask,
@@ -179,16 +180,6 @@ class ContextParallelLayout:
                         "apply_cp swaps every Attention.core, do not replace them afterwards")
 
 
-class ContextParallelLayoutBuilder:
-    """``Decoder.make_layout`` under CP: (cu_seqlens, position_ids, token_index) -> layout."""
-
-    def __init__(self, group: dist.ProcessGroup):
-        self.group = group
-
-    def __call__(self, cu_seqlens, position_ids, token_index=None) -> ContextParallelLayout:
-        return ContextParallelLayout(cu_seqlens, position_ids, token_index, self.group)
-
-
 def _init_deepspeed_comm() -> None:
     """Point ``deepspeed.comm`` at the torch.distributed group already running (idempotent).
 
@@ -212,7 +203,7 @@ def _init_deepspeed_comm() -> None:
             compatible["deepspeed_shm_comm"] = saved
 
 
-class UlyssesCore(nn.Module):
+class UlyssesCore(ContextParallelCore):
     """CP attention core on DeepSpeed's ``DistributedAttention`` (Ulysses all-to-all).
 
     Same interface as :class:`~emu3_train.parallel.cp_attention.AllGatherCore`. DeepSpeed 0.19.8
@@ -227,7 +218,7 @@ class UlyssesCore(nn.Module):
         from deepspeed.sequence.layer import DistributedAttention
 
         _init_deepspeed_comm()
-        self.cp = dist.get_world_size(group)
+        self.group, self.cp = group, dist.get_world_size(group)
         self.local_attn = RowOrderAttention(self.cp, dropout, chunk_size)
         self.dist_attn = DistributedAttention(self.local_attn, group, scatter_idx=2, gather_idx=1)
 
@@ -297,6 +288,5 @@ def apply_cp(model: nn.Module, cp_mesh: DeviceMesh | None, impl: str = "allgathe
         if chosen == "flex" and impl == "ulysses":
             raise ValueError("model.attn_impl=flex has no parallel.cp_impl=ulysses core: use "
                              "parallel.cp_impl=allgather, or model.attn_impl=sdpa or auto")
-    for module in attention:
+    for module in attention:  # the new cores also build the shard's layout (ContextParallelCore.layout)
         module.core = _cp_core(module.core, group, impl, attn_impl or attn_impl_of(module.core))
-    decoder.make_layout = ContextParallelLayoutBuilder(group)

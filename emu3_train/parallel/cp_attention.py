@@ -266,7 +266,21 @@ def cp_block_mask(q_index, q_docs, k_index, k_docs, block_size: int = 128) -> Bl
                                     mask_mod=same_document_causal, seq_lengths=(sq, sk))
 
 
-class AllGatherCore(nn.Module):
+class ContextParallelCore(nn.Module):
+    """Base of the CP attention cores: ``group`` is the CP process group, and :meth:`layout` builds
+    the layout they take (``Decoder.layout`` asks its first attention core for it)."""
+
+    group: dist.ProcessGroup
+
+    def layout(self, cu_seqlens: torch.Tensor, position_ids: torch.Tensor,
+               token_index: torch.Tensor | None = None) -> ContextParallelLayout:
+        """The shard's :class:`~emu3_train.parallel.context_parallel.ContextParallelLayout`."""
+        from emu3_train.parallel.context_parallel import ContextParallelLayout  # it lives with shard_batch
+
+        return ContextParallelLayout(cu_seqlens, position_ids, token_index, self.group)
+
+
+class AllGatherCore(ContextParallelCore):
     """CP attention core: all-gather K/V over the CP group, attend the local queries to the row
     chunk by chunk with SDPA (:func:`chunked_document_attention`).
 
@@ -290,7 +304,7 @@ class AllGatherCore(nn.Module):
         return f"cp={dist.get_world_size(self.group)}, dropout={self.dropout}, chunk_size={self.chunk_size}"
 
 
-class FlexAllGatherCore(nn.Module):
+class FlexAllGatherCore(ContextParallelCore):
     """CP attention core on compiled ``flex_attention``: all-gather K/V, attend the local queries
     (Q_LEN = S_local) to the row (KV_LEN = S) through the layout's :func:`cp_block_mask`.
 
@@ -312,13 +326,13 @@ class FlexAllGatherCore(nn.Module):
         return f"cp={dist.get_world_size(self.group)}, block_size={self.block_size}"
 
 
-class AutoAllGatherCore(nn.Module):
+class AutoAllGatherCore(ContextParallelCore):
     """``model.attn_impl=auto`` under CP: per call :class:`FlexAllGatherCore` where ``auto`` would
     pick a GPU kernel (CUDA, no active dropout), else :class:`AllGatherCore`."""
 
     def __init__(self, group: dist.ProcessGroup, dropout: float = 0.0):
         super().__init__()
-        self.dropout = dropout
+        self.group, self.dropout = group, dropout
         self.sdpa = AllGatherCore(group, dropout)
         self.flex = FlexAllGatherCore(group)
 

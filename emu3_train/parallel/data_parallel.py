@@ -3,7 +3,7 @@
 Parameters, gradients and optimizer state are sharded over the flattened ``dp_cp`` mesh (context
 parallel ranks hold different tokens of the same rows, so their gradients are reduced too).
 FSDP2 *averages* gradients over that group; the trainer therefore scales each rank's loss by the
-group size (see :func:`loss_scale`), so that the reduced gradient is the gradient of
+group size (``StepPlan.loss_scale``), so that the reduced gradient is the gradient of
 Σ loss_weight·CE / Σ loss_weight over the whole global batch, as on one process.
 
 On GPU the MixedPrecisionPolicy computes in bf16 and reduces in fp32 (``trainer.precision=bf16``).
@@ -25,8 +25,3 @@ def apply_fsdp(model, mesh: DeviceMesh, bf16: bool, reshard_after_forward: bool 
     # The root keeps its parameters unsharded after forward (FSDP2's default for the root): the
     # loss reads ``lm_head.weight`` after ``model(...)`` returns, outside any module forward.
     fully_shard(model, mesh=mesh, mp_policy=policy)
-
-
-def loss_scale(mesh: DeviceMesh | None) -> int:
-    """Factor that turns FSDP's gradient average over ``dp_cp`` back into a sum."""
-    return 1 if mesh is None else mesh["dp_cp"].size()

@@ -61,7 +61,6 @@ from torch.distributed.tensor.parallel import (
 from emu3_train.config import ConfigError
 from emu3_train.model.decoder import Emu3CausalLM
 
-TP_MESH_ATTR = "tp_mesh"  # set on the model by apply_tp: the mesh lm_head.weight is sharded over
 _FSDP_HINT = ("Under FSDP2 the head is whole (over dp) only between the model's forward and backward, "
               "and only if the root module keeps its parameters unsharded after forward: "
               "fully_shard(model, reshard_after_forward=False) for the root")
@@ -160,12 +159,14 @@ def apply_tp(model: Emu3CausalLM, tp_mesh: DeviceMesh, sequence_parallel: bool =
     # Vocab-parallel head. The loss reads its shard (output_shard); the hooks serve logits().
     parallelize_module(model.lm_head, tp_mesh, ColwiseParallel(
         input_layouts=Replicate(), output_layouts=Replicate()))
-    setattr(model, TP_MESH_ATTR, tp_mesh)
 
 
-def output_shard(model: Emu3CausalLM) -> tuple[torch.Tensor, int, dist.ProcessGroup | None]:
+def output_shard(model: Emu3CausalLM, tp_mesh: DeviceMesh | None = None
+                 ) -> tuple[torch.Tensor, int, dist.ProcessGroup | None]:
     """(weight [V_local, H], vocab_start, tp_group) of the output head for the loss kernel.
 
+    ``tp_mesh``: the mesh :func:`apply_tp` used (the step plan passes it); None = a plain model,
+    or the weight's own 1-D mesh when it is named "tp" (``mesh["tp"]``).
     A plain model gives ``(lm_head.weight, 0, None)``. After :func:`apply_tp`: this rank's rows
     ``[vocab_start, vocab_start + V_local)`` as a plain tensor in the autograd graph (its gradient
     lands in the DTensor's ``.grad``) and the tp process group. Call it after the forward, each
@@ -174,7 +175,8 @@ def output_shard(model: Emu3CausalLM) -> tuple[torch.Tensor, int, dist.ProcessGr
     on its own: it never runs as a module, so FSDP2 would never unshard it).
     """
     weight = model.lm_head.weight
-    tp_mesh = getattr(model, TP_MESH_ATTR, None)
+    if tp_mesh is None and isinstance(weight, DTensor) and weight.device_mesh.mesh_dim_names == ("tp",):
+        tp_mesh = weight.device_mesh
     if tp_mesh is None:
         if isinstance(weight, DTensor):
             raise RuntimeError(f"lm_head.weight is a DTensor {weight.placements} on {weight.device_mesh} "
