@@ -29,6 +29,7 @@ from emu3_train.data.index import ShardError
 from emu3_train.data.loader import PackedLoader
 from emu3_train.data.stream import ShardSet
 from emu3_train.faults import FaultHook
+from emu3_train.memory_check import check_fits
 from emu3_train.metrics import (
     MetricLogger,
     PerfMeter,
@@ -97,6 +98,7 @@ class Trainer:
         self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "ckpt")
         resume_from = self._resume_source(cfg.checkpoint.resume)
         init_from = cfg.checkpoint.init_from if resume_from is None else None  # a requeued job resumes
+        check_fits(cfg, self.dims, self.vocab_size, self.device, self.world_size)  # or one line, exit 2
         self.model, self.plan = build_model(cfg, self.vocab_size, self.dims, self.mesh, self.device,
                                             self.rank, weights=init_from, init=resume_from is None)
         self.step_ctx = StepContext(bf16=cfg.trainer.precision == "bf16",

@@ -172,3 +172,35 @@ def test_stage2_before_stage1_says_run_stage1_first(demo_data, tmp_path):
     line = _error_line(proc)
     assert proc.returncode == 2 and "runs/demo-stage1/ckpt/latest" in line, line
     assert "run `make pretrain-stage1` first or pass INIT=" in line
+
+
+# -- issue 13 item 7: a model that cannot fit is refused before allocating, naming the planner ------
+
+def test_model_that_cannot_fit_is_refused_naming_the_planner(run_train, demo_data):
+    import resource
+    import shlex
+    import time
+
+    from emu3_train.memory_check import host_available_bytes
+    from emu3_train.planner_memory import GIB
+
+    available = host_available_bytes()
+    if available is None or available > 126 * GIB:  # emu3_8b's fp32 weights + grads + AdamW: 126.5 GiB
+        pytest.skip("this host could hold emu3_8b's training state (or reports no MemAvailable)")
+    start = time.monotonic()
+    proc = run_train(*FAST, "model=emu3_8b", f"data.path={demo_data / 'train'}")
+    seconds = time.monotonic() - start
+    line = _error_line(proc)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "model emu3_8b" in line and "cannot fit" in line, line
+    assert seconds < 60, seconds
+    # the command it names is this run's overrides on the planner, and runs as printed
+    command = shlex.split(line.split("find a layout that fits with: ", 1)[1])
+    assert command[:3] == ["python", "-m", "emu3_train.planner"]
+    assert command[-4:] == ["--gpus", "1", "--gpu", "cpu"]
+    assert {"experiment=demo", "model=emu3_8b", f"data.path={demo_data / 'train'}"} <= set(command)
+    planned = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, timeout=300)
+    assert planned.returncode == 0 and "emu3_8b on 1 x cpu" in planned.stdout, planned.stderr[-2000:]
+    # no weights were allocated: no child process of this session came near emu3_8b's 31.6 GiB of
+    # fp32 weights (ru_maxrss: the largest peak RSS of the children waited for, in KiB)
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 < 8 * GIB
