@@ -26,15 +26,32 @@ from emu3_train.flops import peak_flops, step_flops
 
 
 def format_summary(step: int, max_steps: int, m: dict) -> str:
-    """The one-line summary, e.g. ``step 40/300 | loss 2.3142 | text 1.9021 | vision 2.5114 | ...``."""
+    """The one-line summary, e.g. ``step 40/300 | loss 2.3142 | text 1.9021 | vision 2.5114 | ...``,
+    ending ``| skipped 3`` once the run has skipped documents (``data/skipped``, so far)."""
     def f(key, fmt):
         v = m.get(key)
         return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
+    skipped = m.get("data/skipped") or 0
     return (f"step {step}/{max_steps} | loss {f('train/loss', '.4f')} | text {f('train/loss_text', '.4f')}"
             f" | vision {f('train/loss_vision', '.4f')} | lr {f('train/lr', '.2e')}"
             f" | gnorm {f('train/grad_norm', '.2f')} | tok/s {f('perf/tokens_per_s', ',.0f')}"
-            f" | mfu {f('perf/mfu', '.1%')} | mem {f('perf/mem_gb', '.1f')}GB | fill {f('data/fill', '.2f')}")
+            f" | mfu {f('perf/mfu', '.1%')} | mem {f('perf/mem_gb', '.1f')}GB | fill {f('data/fill', '.2f')}"
+            + (f" | skipped {skipped:,.0f}" if skipped > 0 else ""))
+
+
+def format_skipped(total: float, stats: dict, step: int) -> str:
+    """The end-of-run line on skipped documents, e.g. ``data: 3 documents skipped (oversize 1,
+    unreadable 2) in this run, up to step 40``; "" when none were. ``total``: the run's skips with
+    bad samples summed over dp (the trainer's ``data/skipped``); ``stats``: ``PackedLoader.stats()``,
+    whose oversize and left-out-shard counts are the same on every rank."""
+    if not total > 0:
+        return ""
+    oversize, shards = stats.get("skipped_oversize", 0), stats.get("skipped_shard_docs", 0)
+    parts = {"oversize": oversize, "unreadable": total - oversize - shards, "in shards left out": shards}
+    detail = ", ".join(f"{name} {n:,.0f}" for name, n in parts.items() if n > 0)
+    documents = "document" if total == 1 else "documents"
+    return f"data: {total:,.0f} {documents} skipped ({detail}) in this run, up to step {step}"
 
 
 def doc_lengths(batch: dict, pad_id: int) -> list[int]:

@@ -35,6 +35,7 @@ from emu3_train.metrics import (
     PerfMeter,
     SpikeDetector,
     StepWindow,
+    format_skipped,
     format_summary,
     window_means,
 )
@@ -379,6 +380,9 @@ def run_training(cfg: TrainConfig, run_dir: Path, rank: int = 0, world_size: int
         raise ConfigError(str(e)) from e
     try:
         last = trainer.fit()
+        skipped = format_skipped(trainer._skipped_docs(), trainer.loader.stats(), trainer.step)  # all ranks
+        if skipped and trainer.is_rank0:
+            print(skipped, flush=True)
         path = trainer.save(wait=True)
         if trainer.is_rank0:
             print(f"checkpoint: {path}", flush=True)

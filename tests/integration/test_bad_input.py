@@ -204,3 +204,32 @@ def test_model_that_cannot_fit_is_refused_naming_the_planner(run_train, demo_dat
     # no weights were allocated: no child process of this session came near emu3_8b's 31.6 GiB of
     # fp32 weights (ru_maxrss: the largest peak RSS of the children waited for, in KiB)
     assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 < 8 * GIB
+
+
+# -- issue 13 case 8: skipped samples show on the console and are totalled at the end --------------
+
+def test_skipped_bad_samples_show_in_the_summary_and_the_end_of_run_total(run_train, demo_data, tmp_path):
+    from emu3_train.data.loader import PackedLoader
+    from emu3_train.data.stream import ShardSet
+
+    shards = tmp_path / "one_bad_per_row"
+    shutil.copytree(demo_data / "eval", shards)
+    # the first document of each of the run's two rows (seq_len 256, one row a step, the default
+    # seed and pack window): flip its last token so the read fails its CRC-32
+    loader = PackedLoader(ShardSet(shards, get_vocab("demo")), seq_len=256, micro_batch_size=1)
+    bad = [loader.row(k)[0].doc_id for k in (0, 1)]
+    assert all(len(loader.row(k)) > 1 for k in (0, 1))  # each row keeps a document to train on
+    tar = shards / "shard-000000.tar"
+    index = read_index(tar)
+    data = bytearray(tar.read_bytes())
+    for d in bad:  # one shard: doc id = sample number
+        end = int(index.tokens_offset[d] + index.tokens_size[d])
+        data[end - 4:end] = (np.frombuffer(data[end - 4:end], np.int32) ^ 1).tobytes()
+    tar.write_bytes(bytes(data))
+    proc = run_train(*FAST, f"data.path={shards}", "data.on_bad_sample=skip", "trainer.log_interval=1",
+                     "trainer.sample_interval=0")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summaries = [x for x in proc.stdout.splitlines() if x.startswith("step ")]
+    assert len(summaries) == 2, proc.stdout
+    assert re.search(r"\| fill [\d.]+ \| skipped 1$", summaries[0]) and summaries[1].endswith("| skipped 2")
+    assert "data: 2 documents skipped (unreadable 2) in this run, up to step 2" in proc.stdout.splitlines()

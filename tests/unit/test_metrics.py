@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from emu3_train.metrics import format_summary
+from emu3_train.metrics import format_skipped, format_summary
 
 
 def test_summary_line():
@@ -20,6 +20,24 @@ def test_summary_line_shows_mfu_and_memory():
     line = format_summary(1, 2, {"train/loss": 1.0, "perf/mfu": 0.4712, "perf/mem_gb": 61.234})
     assert "mfu 47.1% | mem 61.2GB" in line
     assert "mfu n/a" in format_summary(1, 2, {"perf/mfu": float("nan")})
+
+
+def test_summary_line_shows_skipped_documents_only_when_there_are_some():
+    m = {"train/loss": 1.0, "data/fill": 0.97}
+    assert format_summary(1, 2, m).endswith("| fill 0.97")
+    assert format_summary(1, 2, {**m, "data/skipped": 0.0}) == format_summary(1, 2, m)
+    line = format_summary(1, 2, {**m, "data/skipped": 3.0})
+    assert line == format_summary(1, 2, m) + " | skipped 3"
+
+
+def test_end_of_run_line_totals_the_skips_by_kind():
+    stats = {"skipped": 2, "skipped_oversize": 1, "skipped_bad": 1, "skipped_shard_docs": 0}
+    # the total counts the bad samples of every dp rank (here 2), the stats are this rank's
+    assert format_skipped(3.0, stats, 40) == ("data: 3 documents skipped (oversize 1, unreadable 2) "
+                                              "in this run, up to step 40")
+    one = {"skipped_oversize": 0, "skipped_shard_docs": 1}
+    assert format_skipped(1.0, one, 5).startswith("data: 1 document skipped (in shards left out 1)")
+    assert format_skipped(0.0, {}, 40) == ""
 
 
 def test_perf_meter_divides_model_flops_by_gpus_time_and_peak():
