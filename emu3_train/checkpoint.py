@@ -42,6 +42,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from emu3_train.weights import check_fit, dcp_tensor_shapes, state_shapes
+
 SIDE_FILES = ("scheduler.json", "loader.json", "meta.json")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -259,28 +261,29 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     raise CheckpointError(f"{path}: no complete checkpoint" + (f" ({'; '.join(errors)})" if errors else ""))
 
 
-def _check_shapes(path: Path, state: dict) -> None:
-    """Fail naming the first tensor whose shape differs from (or is missing in) the checkpoint."""
-    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    for prefix, sub in state.items():
-        for key, value in sub.items():
-            if not isinstance(value, torch.Tensor):
-                continue
-            name = f"{prefix}.{key}"
-            if name not in saved:
-                raise ValueError(f"{path}: checkpoint has no tensor {name!r}")
-            shape = tuple(getattr(saved[name], "size", ()))
-            if shape != tuple(value.shape):
-                raise ValueError(f"{path}: tensor {name!r} has shape {list(shape)} in the checkpoint "
-                                 f"but {list(value.shape)} in this model")
+def _check_fit(path: Path, model_sd: dict, optim_sd: dict | None = None) -> None:
+    """Fail unless the checkpoint holds exactly this model's tensors (with ``optim_sd``, also its
+    optimizer's per-parameter state), shapes included: DCP alone ignores the extras."""
+    found = dcp_tensor_shapes(path, ("model.", "optim.state."))
+    ours = state_shapes(model_sd, optim_sd)
+    parts = [("model.", "this model")] + ([] if optim_sd is None else [("optim.state.", "this optimizer")])
+    for prefix, target in parts:  # the model first: its mismatch explains the optimizer's
+        check_fit(path, {k: v for k, v in ours.items() if k.startswith(prefix)},
+                  {k: v for k, v in found.items() if k.startswith(prefix)}, target=target)
 
 
 def load_weights(path: str | os.PathLike, model) -> Path:
-    """Load model weights only (``checkpoint.init_from``): new optimizer, schedule and data stream."""
+    """Load model weights only (``checkpoint.init_from``: new optimizer, schedule, data stream) from a
+    checkpoint or an HF folder (``interop.hf_load``) into plain or DTensor-sharded parameters."""
+    if is_hf_folder(path):
+        from emu3_train.interop.hf_load import load_hf_weights  # transformers: only for HF folders
+
+        load_hf_weights(path, model)
+        return Path(path)
     path = resolve_checkpoint(path)
     model_sd, _ = get_state_dict(model, [])
+    _check_fit(path, model_sd)
     state = {"model": model_sd}
-    _check_shapes(path, state)
     _quiet(dcp.load, state, checkpoint_id=str(path))
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
     return path
@@ -290,8 +293,8 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler) -> dic
     """Restore model, optimizer, scheduler and RNG; returns ``meta.json`` plus ``loader`` state."""
     path = resolve_checkpoint(path)
     model_sd, optim_sd = get_state_dict(model, optimizer)
+    _check_fit(path, model_sd, optim_sd)
     state = {"model": model_sd, "optim": optim_sd}
-    _check_shapes(path, {"model": model_sd})
     _quiet(dcp.load, state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
@@ -329,8 +332,9 @@ def check_checkpoint_path(path: str | os.PathLike, field: str) -> None:
     ``checkpoint.init_from`` or ``checkpoint.resume``) is not a checkpoint the loaders can read.
 
     Raises ``ConfigError`` with one line saying what the path is and what to do: it does not exist,
-    is a Hugging Face folder, an unfinished (``.tmp_step_*``) or incomplete save, a ckpt folder
-    without a complete checkpoint, or (for ``resume``) a weights-only checkpoint.
+    is a Hugging Face folder our decoder cannot load (any, for ``resume``), an unfinished
+    (``.tmp_step_*``) or incomplete save, a ckpt folder without a complete checkpoint, or (for
+    ``resume``) a weights-only checkpoint.
     """
     from emu3_train.config import ConfigError
 
@@ -343,12 +347,20 @@ def check_checkpoint_path(path: str | os.PathLike, field: str) -> None:
                               "continue this run from its own checkpoints")
         raise ConfigError(f"{shown}: does not exist (no run has saved a checkpoint there); run `make "
                           "pretrain-stage1` first or pass INIT=... (checkpoint.init_from=RUN/ckpt/latest, "
-                          "a ckpt/step_N folder or an imported HF checkpoint)")
+                          "a ckpt/step_N folder or a Hugging Face model folder)")
     if is_hf_folder(path):
-        todo = ("it has no optimizer state to resume; import it" if resume else "import it")
-        raise ConfigError(f"{shown}: a Hugging Face model folder (config.json + *.safetensors), not a "
-                          f"training checkpoint; {todo} with `python -m emu3_train.interop.hf import "
-                          f"{path} CKPT_DIR` and pass checkpoint.init_from=CKPT_DIR")
+        if resume:
+            raise ConfigError(f"{shown}: a Hugging Face model folder (config.json + *.safetensors) has no "
+                              f"optimizer or data state to resume; start from its weights with "
+                              f"checkpoint.init_from={path}")
+        from emu3_train.interop.hf import InteropError  # transformers: only for HF folders
+        from emu3_train.interop.hf_load import check_hf_folder
+
+        try:
+            check_hf_folder(path)
+        except InteropError as e:
+            raise ConfigError(f"{shown}: a Hugging Face model folder this decoder cannot load: {e}") from e
+        return
     if path.is_file() and path.name != "latest":
         raise ConfigError(f"{shown}: a file, not a checkpoint; pass {usage}")
     if re.match(r"^\.tmp_step_\d+$", path.name):

@@ -9,6 +9,7 @@ For example:
     python -m emu3_train.interop.hf export runs/demo/ckpt/step_000300 hf/demo16 --dtype bf16
     python -m emu3_train.interop.hf import hf/demo ckpt/from_hf
     python -m emu3_train.train experiment=demo checkpoint.init_from=ckpt/from_hf  # + printed model.*=
+    python -m emu3_train.train experiment=demo checkpoint.init_from=hf/demo       # or the folder itself
 
 ``export`` reads a checkpoint -- a ``step_*`` directory, or a ``ckpt`` directory whose ``latest``
 it follows -- written with any dp/cp/tp layout (DCP reshards it into one plain model on the CPU)
@@ -46,7 +47,6 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 import transformers
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from emu3_train.checkpoint import SIDE_FILES, CheckpointError, load_weights, resolve_checkpoint
@@ -162,53 +162,15 @@ def _weight_files(path: Path) -> list[Path]:
     raise InteropError(f"{path}: no {WEIGHTS_NAME} or {INDEX_NAME} (only safetensors weights are read)")
 
 
-@torch.no_grad()
-def _copy_hf_weights(model: Emu3CausalLM, path: Path, multimodal: bool, tied: bool) -> torch.dtype:
-    """Copy every tensor of the folder into ``model`` (strict: every parameter, nothing else,
-    shapes equal). Reads one tensor at a time. Returns the dtype the folder stores."""
-    params = model.state_dict()
-    loaded, dtype = set(), torch.float32
-    for file in _weight_files(path):
-        if not file.is_file():
-            raise InteropError(f"{file}: missing (listed in {INDEX_NAME})")
-        try:
-            with safe_open(file, framework="pt") as f:
-                for key in f.keys():
-                    name = key
-                    if multimodal:
-                        name = next((new + key[len(old):] for old, new in _MULTIMODAL_PREFIXES
-                                     if key.startswith(old)), None)
-                        if name is None:
-                            continue
-                    if name not in params:
-                        raise InteropError(f"{file}: unexpected tensor {key!r} "
-                                           "(not a parameter of Emu3ForCausalLM)")
-                    shape = list(f.get_slice(key).get_shape())
-                    if shape != list(params[name].shape):
-                        raise InteropError(f"{file}: tensor {key!r} has shape {shape} but "
-                                           f"{CONFIG_NAME} implies {list(params[name].shape)}")
-                    tensor = f.get_tensor(key)
-                    params[name].copy_(tensor)
-                    loaded.add(name)
-                    dtype = tensor.dtype
-        except SafetensorError as e:
-            raise InteropError(f"{file}: unreadable safetensors file ({e})") from e
-    missing = sorted(set(params) - loaded)
-    if missing == ["lm_head.weight"] and tied:  # tied checkpoints may store the table once
-        params["lm_head.weight"].copy_(params["model.embed_tokens.weight"])
-        missing = []
-    if missing:
-        raise InteropError(f"{path}: no tensor {missing[0]!r} in its safetensors files "
-                           f"({len(missing)} parameters missing)")
-    return dtype
-
-
 def _load_hf(path, device="cpu"):
     path = Path(path)
     hf, multimodal = read_hf_config(path)
     cfg = from_hf_config(hf, name=path.resolve().name, file=path / CONFIG_NAME)
     model = _empty_model(cfg, cfg.vocab_size, device)
-    dtype = _copy_hf_weights(model, path, multimodal, bool(hf.tie_word_embeddings))
+    from emu3_train.interop.hf_load import load_hf_weights  # it builds on this module
+
+    # strict: every parameter, nothing else, the shapes config.json implies; one tensor at a time
+    dtype = load_hf_weights(path, model, target=CONFIG_NAME)
     return model.eval(), cfg, hf, dtype
 
 

@@ -146,13 +146,16 @@ def _partial_saves(root):
     return tmp, step
 
 
-@pytest.mark.parametrize("case", ["init_missing", "resume_missing", "hf", "tmp_step", "no_metadata"])
+@pytest.mark.parametrize("case", ["init_missing", "resume_missing", "hf", "hf_resume", "tmp_step",
+                                  "no_metadata"])
 def test_checkpoint_path_problems_say_what_to_do(run_train, demo_data, tmp_path, case):
     tmp, step = _partial_saves(tmp_path / "old")
     field, path, expected = {
         "init_missing": ("init_from", "/does/not/exist", "does not exist"),
         "resume_missing": ("resume", "/does/not/exist", "does not exist"),
-        "hf": ("init_from", _hf_folder(tmp_path / "hf"), "python -m emu3_train.interop.hf import"),
+        # an HF folder is a valid init_from, but not one whose config.json is no Emu3 model's
+        "hf": ("init_from", _hf_folder(tmp_path / "hf"), "config.json: model_type=None is not an Emu3"),
+        "hf_resume": ("resume", _hf_folder(tmp_path / "hf2"), "has no optimizer or data state to resume"),
         "tmp_step": ("init_from", tmp, "unfinished save"),
         "no_metadata": ("resume", step, "incomplete checkpoint"),
     }[case]

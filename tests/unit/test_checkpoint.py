@@ -1,6 +1,7 @@
 """Checkpoints round-trip model, optimizer, scheduler and loader state; ``latest`` moves last."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from emu3_train.checkpoint import (
 from emu3_train.config import ModelConfig, OptimConfig
 from emu3_train.model.decoder import Emu3CausalLM
 from emu3_train.optim import build_optimizer, build_scheduler
+from emu3_train.weights import WeightsMismatchError
 
 CFG = ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1)
 
@@ -81,5 +83,64 @@ def test_incomplete_or_mismatched_checkpoint_fails(tmp_path):
         resolve_checkpoint(tmp_path / "step_000001")
     model, opt, sched = _setup(0)
     save_checkpoint(tmp_path, 2, model, opt, sched, {}, {}, 0)
-    with pytest.raises(ValueError, match=r"'model.model.embed_tokens.weight' has shape \[50, 32\]"):
+    with pytest.raises(WeightsMismatchError) as e:
         load_weights(tmp_path, Emu3CausalLM(CFG, 60))
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(f"{tmp_path / 'step_000002'}: ")
+    assert ("tensor 'model.model.embed_tokens.weight' has shape [50, 32] in the checkpoint but [60, 32] "
+            "in this model (2 of another shape)") in message  # the embedding and the head
+    assert "missing" not in message and "unexpected" not in message
+
+
+def _save_layers(ckpt_dir, num_layers, optimizer=None):
+    torch.manual_seed(0)
+    model = Emu3CausalLM(replace(CFG, num_layers=num_layers), 50)
+    opt = (optimizer or build_optimizer)(model, OptimConfig())
+    save_checkpoint(ckpt_dir, 1, model, opt, build_scheduler(opt, OptimConfig(), 10), {}, {}, 0)
+    return model
+
+
+def test_checkpoint_with_more_layers_than_the_model_fails(tmp_path):
+    """DCP reads only the keys it is asked for: the extra layers used to be dropped silently."""
+    _save_layers(tmp_path, 4)
+    model, opt, sched = _setup(1)  # 2 layers
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for load in (lambda: load_weights(tmp_path, model), lambda: load_checkpoint(tmp_path, model, opt, sched)):
+        with pytest.raises(WeightsMismatchError) as e:
+            load()
+        message = str(e.value)
+        assert "\n" not in message
+        assert "has tensor 'model.model.layers.2.input_layernorm.weight' that this model lacks" in message
+        assert "(18 unexpected)" in message  # 9 tensors in each of layers 2 and 3
+        assert "the checkpoint has 4 layers, this model 2: set model.num_layers=4" in message
+        assert "missing" not in message
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing was read
+
+
+def test_checkpoint_with_fewer_layers_than_the_model_fails(tmp_path):
+    _save_layers(tmp_path, 2)
+    model = Emu3CausalLM(replace(CFG, num_layers=4), 50)
+    with pytest.raises(WeightsMismatchError) as e:
+        load_weights(tmp_path, model)
+    message = str(e.value)
+    q_proj = "model.model.layers.2.self_attn.q_proj.weight"
+    assert f"the checkpoint has no tensor {q_proj!r} (18 missing)" in message
+    assert "set model.num_layers=2" in message and "unexpected" not in message
+    opt = build_optimizer(model, OptimConfig())
+    with pytest.raises(WeightsMismatchError, match=f"no tensor {q_proj!r}"):
+        load_checkpoint(tmp_path, model, opt, build_scheduler(opt, OptimConfig(), 10))
+
+
+def test_resume_checks_the_optimizer_state_of_every_parameter(tmp_path):
+    """Same model, another optimizer: AdamW's moments are missing, SGD's momentum is unexpected."""
+    sgd = lambda model, _: torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _save_layers(tmp_path, 2, optimizer=sgd)
+    model, opt, sched = _setup(1)
+    load_weights(tmp_path, model)  # the weights alone fit
+    with pytest.raises(WeightsMismatchError) as e:
+        load_checkpoint(tmp_path, model, opt, sched)
+    message = str(e.value)
+    assert message.startswith(f"{tmp_path / 'step_000001'}: does not fit this optimizer: ")
+    assert "the checkpoint has no tensor 'optim.state.model.embed_tokens.weight.step'" in message
+    assert "has tensor 'optim.state.lm_head.weight.momentum_buffer' that this optimizer lacks" in message
+    assert "(21 unexpected)" in message and "num_layers" not in message  # same layer count

@@ -1,6 +1,7 @@
 """``checkpoint.init_from`` / ``checkpoint.resume`` paths are checked before any model is built: a
-missing path, a Hugging Face folder, an unfinished or incomplete save each give one line saying what
-the path is and what to do (ConfigError), instead of a traceback at load time."""
+missing path, a Hugging Face folder our decoder cannot load (any, to resume), an unfinished or
+incomplete save each give one line saying what the path is and what to do (ConfigError), instead of a
+traceback at load time; an Emu3 HF folder is a valid ``init_from``."""
 
 from __future__ import annotations
 
@@ -8,7 +9,15 @@ import pytest
 import torch
 
 from emu3_train.checkpoint import check_checkpoint_path, is_hf_folder, save_checkpoint
-from emu3_train.config import CheckpointConfig, ConfigError, OptimConfig, TrainConfig, check_checkpoint_paths
+from emu3_train.config import (
+    CheckpointConfig,
+    ConfigError,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    check_checkpoint_paths,
+)
+from emu3_train.model.decoder import Emu3CausalLM
 from emu3_train.optim import build_optimizer, build_scheduler
 
 
@@ -54,15 +63,40 @@ def test_missing_stage1_checkpoint_says_run_stage1_first(tmp_path):
     assert "run `make pretrain-stage1` first or pass INIT=" in message
 
 
+def _exported(path, shards=1):
+    """A folder as `python -m emu3_train.interop.hf export` writes it (``shards`` > 1: indexed)."""
+    from emu3_train.interop.hf import save_hf
+
+    cfg = ModelConfig(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1)
+    special = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    return save_hf(Emu3CausalLM(cfg, 40), cfg, path, special, max_shard_gb=4e-6 if shards > 1 else 5)
+
+
 def test_hf_folder(tmp_path):
-    hf = _hf_folder(tmp_path / "hf")
+    hf = _exported(tmp_path / "hf")
     assert is_hf_folder(hf) and not is_hf_folder(tmp_path) and not is_hf_folder(tmp_path / "none")
+    check_checkpoint_path(hf, "checkpoint.init_from")  # loaded directly, no import step
     with pytest.raises(ConfigError) as e:
-        check_checkpoint_path(hf, "checkpoint.init_from")
-    message = _one_line(e)
-    assert "Hugging Face" in message and f"python -m emu3_train.interop.hf import {hf} " in message
-    with pytest.raises(ConfigError, match="Hugging Face"):
         check_checkpoint_path(hf, "checkpoint.resume")
+    message = _one_line(e)
+    assert "Hugging Face" in message and "no optimizer" in message and f"checkpoint.init_from={hf}" in message
+
+
+def test_hf_folder_the_decoder_cannot_load(tmp_path):
+    bad = _hf_folder(tmp_path / "bad")  # config.json without a model_type
+    with pytest.raises(ConfigError) as e:
+        check_checkpoint_path(bad, "checkpoint.init_from")
+    message = _one_line(e)
+    assert message.startswith(f"checkpoint.init_from={bad}: a Hugging Face model folder this decoder cannot")
+    assert str(bad / "config.json") in message and "not an Emu3 model" in message
+
+    sharded = _exported(tmp_path / "sharded", shards=2)
+    check_checkpoint_path(sharded, "checkpoint.init_from")
+    lost = sorted(sharded.glob("model-*.safetensors"))[-1]
+    lost.unlink()
+    with pytest.raises(ConfigError) as e:
+        check_checkpoint_path(sharded, "checkpoint.init_from")
+    assert f"{lost}: missing (listed in model.safetensors.index.json)" in _one_line(e)
 
 
 def test_unfinished_save(tmp_path):

@@ -228,8 +228,10 @@ def test_bad_input_is_one_line_naming_the_file(hf_tiny, tmp_path, capsys):
     shutil.copytree(hf_dir, wrong)
     config = json.loads((wrong / "config.json").read_text())
     (wrong / "config.json").write_text(json.dumps({**config, "intermediate_size": INTER + 16}))
-    _one_error_line(capsys, ["import", str(wrong), str(tmp_path / "ckpt")], wrong / "model.safetensors",
-                    "mlp.down_proj.weight", f"[{HIDDEN}, {INTER}]")
+    _one_error_line(capsys, ["import", str(wrong), str(tmp_path / "ckpt")],
+                    f"{wrong}: does not fit config.json",
+                    f"'model.layers.0.mlp.gate_proj.weight' has shape [{INTER}, {HIDDEN}] in the folder but "
+                    f"[{INTER + 16}, {HIDDEN}] in config.json", f"({3 * LAYERS} of another shape)")
     assert not (tmp_path / "ckpt").exists()
 
     (wrong / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
