@@ -53,9 +53,9 @@ def synthetic_batch(rows: int, seq_len: int, doc_len: int, vocab, seed: int = 0)
 
 
 def worker(args) -> dict:
+    from emu3_train.build import build_model
     from emu3_train.flops import peak_flops, step_flops, total_params
     from emu3_train.metrics import doc_lengths
-    from emu3_train.build import build_model
     from emu3_train.optim import build_optimizer
     from emu3_train.parallel.dims import ParallelDims
     from emu3_train.recipes import compose

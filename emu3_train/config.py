@@ -266,7 +266,7 @@ def check_checkpoint_paths(cfg: TrainConfig, run_dir: str | Path) -> None:
         check_checkpoint_path(c.init_from, "checkpoint.init_from")
 
 
-_CHOICES = {
+CHOICES = {
     "model.backend": ("torch",),
     "model.attn_impl": ("sdpa", "auto", "flex", "varlen"),
     "model.recompute": ("none", "full", "selective"),
@@ -294,26 +294,6 @@ def _get(cfg, dotted: str):
     return obj
 
 
-def _check_gpu_attention(impl: str, dropout: float, cp: int, cp_impl: str, device: str,
-                         precision: str) -> None:
-    """flex and varlen train only on CUDA, without attention dropout (varlen: bf16, and not under CP;
-    flex under CP only with the allgather core)."""
-    if device == "cpu":
-        why = "FlexAttention has no CPU backward" if impl == "flex" else "varlen_attn is CUDA-only"
-        raise ConfigError(f"model.attn_impl={impl} cannot train with trainer.device=cpu ({why}); "
-                          "use sdpa or auto")
-    if dropout:
-        raise ConfigError(f"model.attn_impl={impl} has no attention dropout, but model.attention_dropout="
-                          f"{dropout}; use sdpa or auto")
-    if cp > 1 and (impl == "varlen" or cp_impl != "allgather"):
-        raise ConfigError(f"model.attn_impl={impl} has no context-parallel core with "
-                          f"parallel.cp_impl={cp_impl} (parallel.cp={cp}): flex needs parallel.cp_impl="
-                          "allgather, varlen has none; use sdpa or auto")
-    if impl == "varlen" and precision != "bf16":
-        raise ConfigError(f"model.attn_impl=varlen needs trainer.precision=bf16 (flash attention has no "
-                          f"{precision}); use flex or auto")
-
-
 def validate(cfg: TrainConfig, world_size: int = 1, vocab_size: int | None = None) -> None:
     """Reject impossible configurations, naming the field. Allocates nothing; touches no file.
 
@@ -321,7 +301,7 @@ def validate(cfg: TrainConfig, world_size: int = 1, vocab_size: int | None = Non
 
     ``vocab_size`` is the size of the data vocabulary preset (model.vocab_size must cover it).
     """
-    for name, allowed in _CHOICES.items():
+    for name, allowed in CHOICES.items():
         value = _get(cfg, name)
         if (name, value) in _NOT_YET:
             raise ConfigError(f"{name}={value}: {_NOT_YET[name, value]}")
@@ -329,7 +309,7 @@ def validate(cfg: TrainConfig, world_size: int = 1, vocab_size: int | None = Non
             raise ConfigError(f"{name}={value!r} is not one of {list(allowed)}")
 
     _check_ranges(cfg)
-    m, d, p, t = cfg.model, cfg.data, cfg.parallel, cfg.trainer
+    m, d, t = cfg.model, cfg.data, cfg.trainer
     from emu3_train.data.format import TASKS
 
     unknown = [task for task in d.tasks if task not in TASKS]
@@ -356,8 +336,6 @@ def validate(cfg: TrainConfig, world_size: int = 1, vocab_size: int | None = Non
     if d.seq_len > m.max_position_embeddings:
         raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings="
                           f"{m.max_position_embeddings}")
-    if m.attn_impl in ("flex", "varlen"):
-        _check_gpu_attention(m.attn_impl, m.attention_dropout, p.cp, p.cp_impl, t.device, t.precision)
     c = cfg.checkpoint
     if c.init_required and not c.init_from:
         raise ConfigError("checkpoint.init_from is required: this recipe continues an earlier stage "
@@ -369,6 +347,6 @@ def validate(cfg: TrainConfig, world_size: int = 1, vocab_size: int | None = Non
         raise ConfigError(f"trainer.fault={t.fault!r}: expected nan_loss@STEP, sigkill_in_save@STEP, "
                           "raise@STEP:RANK or hang@STEP:RANK")
 
-    from emu3_train.parallel.dims import ParallelDims  # the layout checks live with the layout
+    from emu3_train.parallel.dims import layout_of  # the layout's checks live with the layout
 
-    ParallelDims.from_config(cfg, world_size)
+    layout_of(cfg, world_size)

@@ -37,7 +37,7 @@ import sys
 
 from emu3_train.config import ConfigError, TrainConfig, validate
 from emu3_train.flops import PEAK_FLOPS, peak_flops, step_flops
-from emu3_train.parallel.dims import ParallelDims
+from emu3_train.parallel.dims import layout_of
 from emu3_train.planner_memory import (
     CUDA_OVERHEAD_GIB,
     GIB,
@@ -87,7 +87,7 @@ def plan(cfg: TrainConfig, world_size: int, gpu: str, vocab_size: int,
     numbers for ``gpu`` (needed for a GPU they do not list).
     """
     validate(cfg, world_size, vocab_size)
-    dims = ParallelDims.from_config(cfg, world_size)
+    dims = layout_of(cfg, world_size)
     on_gpu = gpu.lower() != "cpu"
     mem: Memory = estimate_memory(cfg, dims, vocab_size, on_gpu)
     precision = cfg.trainer.precision
@@ -98,7 +98,8 @@ def plan(cfg: TrainConfig, world_size: int, gpu: str, vocab_size: int,
     result = {
         "model": cfg.model.name, "gpu": gpu, "gpus": world_size,
         "layout": {"dp": dims.dp, "cp": dims.cp, "tp": dims.tp,
-                   "grad_accum": dims.grad_accum_steps(cfg)},
+                   "grad_accum": dims.grad_accum_steps(cfg.data.global_batch_size,
+                                                       cfg.data.micro_batch_size)},
         "seq_len": seq, "micro_batch_size": cfg.data.micro_batch_size,
         "global_batch_size": cfg.data.global_batch_size, "precision": precision,
         "recompute": cfg.model.recompute, "attn_impl": cfg.model.attn_impl,

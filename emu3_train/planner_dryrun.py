@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from emu3_train.config import TrainConfig
-from emu3_train.parallel.dims import ParallelDims
+from emu3_train.parallel.dims import layout_of
 from emu3_train.planner_memory import estimate_memory
 
 MIB = 2**20
@@ -83,7 +83,7 @@ def dry_run(cfg: TrainConfig, world_size: int, vocab_size: int) -> DryRun:
     if dist.is_initialized():
         raise RuntimeError("planner --dry-run needs a process without a process group: it creates a "
                            f"fake one of {world_size} ranks (this one has {dist.get_world_size()})")
-    dims = ParallelDims.from_config(cfg, world_size)
+    dims = layout_of(cfg, world_size)
     start = time.perf_counter()
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     try:

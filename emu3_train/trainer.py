@@ -41,7 +41,7 @@ from emu3_train.metrics import (
 )
 from emu3_train.model.decoder import Emu3CausalLM
 from emu3_train.optim import apply_update, build_optimizer, build_scheduler
-from emu3_train.parallel.dims import ParallelDims
+from emu3_train.parallel.dims import layout_of
 from emu3_train.parallel.mesh import build_mesh, init_distributed, named_collective
 from emu3_train.samples import InRunSampler
 from emu3_train.step import StepContext, clip_grad_norm, forward_backward
@@ -80,8 +80,9 @@ class Trainer:
         cfg = self.cfg
         self.vocab = get_vocab(cfg.data.vocab)
         validate(cfg, self.world_size, self.vocab.size)
-        self.dims = ParallelDims.from_config(cfg, self.world_size)
-        self.dp, self.accum = self.dims.dp, self.dims.grad_accum_steps(cfg)
+        self.dims = layout_of(cfg, self.world_size)
+        self.dp = self.dims.dp
+        self.accum = self.dims.grad_accum_steps(cfg.data.global_batch_size, cfg.data.micro_batch_size)
         sources, weights = open_blend(cfg.data.path, cfg.data.blend, self.vocab, cfg.data.on_bad_sample)
         if cfg.eval.task == "digits":
             ShardSet(cfg.eval.path, self.vocab)  # fail now, not after training

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from emu3_train.config import ConfigError, ModelConfig
+from emu3_train.config import CHOICES, ConfigError, ModelConfig
 from emu3_train.model.flex import FlexCore, document_block_mask
 from emu3_train.model.rope import apply_rope
 from emu3_train.model.varlen import HALF_DTYPES, VarlenCore, row_segments, varlen_available
@@ -135,7 +135,7 @@ class SdpaCore(nn.Module):
         return f"dropout={self.dropout}"
 
 
-ATTN_IMPLS = ("sdpa", "auto", "flex", "varlen")
+ATTN_IMPLS = CHOICES["model.attn_impl"]
 
 
 def choose_attn_impl(device: torch.device, dtype: torch.dtype, dropout_active: bool) -> str:

@@ -24,12 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from emu3_train.config import ConfigError, ModelConfig
+from emu3_train.config import CHOICES, ConfigError, ModelConfig
 from emu3_train.model.attention import Attention, DocumentLayout
 from emu3_train.model.recompute import selective_checkpoint_context
 from emu3_train.model.rope import rope_cos_sin
 
-RECOMPUTE_MODES = ("none", "full", "selective")
+RECOMPUTE_MODES = CHOICES["model.recompute"]
 
 
 class RMSNorm(nn.Module):

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from emu3_train.model.attention import DocumentLayout
 
 BLOCK_SIZE = 128  # flex's default sparse block (tokens)
+CPU_MIN_BLOCK = 128  # smaller blocks make torch 2.13's compiled CPU flex kernel read garbage
 
 _compiled_flex = None
 
@@ -84,6 +85,10 @@ def flex_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: B
 
     Refuses to build a graph for backward on CPU (FlexAttention has no CPU backward in this torch).
     """
+    if q.device.type == "cpu" and min(block_mask.BLOCK_SIZE) < CPU_MIN_BLOCK:
+        raise ValueError(f"flex attention on CPU needs blocks of >= {CPU_MIN_BLOCK} tokens, got "
+                         f"{block_mask.BLOCK_SIZE}: torch's compiled CPU kernel returns NaN at random for "
+                         "smaller blocks (uninitialized reads; measured with torch 2.13)")
     if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         raise RuntimeError("model.attn_impl=flex cannot train on CPU, context parallel or not: FlexAttention "
                            "has no CPU backward in this torch; use model.attn_impl=sdpa (or auto), or run "

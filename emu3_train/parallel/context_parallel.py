@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from emu3_train.config import CHOICES
 from emu3_train.model.attention import ATTN_IMPLS, Attention, AutoCore, SdpaCore
 from emu3_train.model.decoder import Decoder, Emu3CausalLM
 from emu3_train.model.flex import BLOCK_SIZE, FlexCore
@@ -51,7 +52,7 @@ from emu3_train.parallel.cp_attention import (
     rank_to_row_order,
 )
 
-CP_IMPLS = ("allgather", "ulysses")
+CP_IMPLS = CHOICES["parallel.cp_impl"]
 SEQUENCE_KEYS = ("tokens", "labels", "loss_weight", "position_ids")
 CP_EXTRA_INPUTS = ("token_index",)  # keys shard_batch adds that the CP model takes as keywords
 

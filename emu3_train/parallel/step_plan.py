@@ -89,7 +89,7 @@ class StepPlan:
     def all_reduce(self, t: torch.Tensor, dim: str | None, what: str) -> torch.Tensor:
         """Sum ``t`` in place over the mesh dimension ``dim`` ("dp" or "dp_cp"; None: the world)."""
         if dim is None and self.distributed:
-            named_collective(f"all_reduce({what})", dist.all_reduce, t)
+            named_collective(f"all_reduce({what}) over the world", dist.all_reduce, t)
         elif dim in self.groups:
             named_collective(f"all_reduce({what}) over '{dim}'", dist.all_reduce, t, group=self.groups[dim])
         return t

@@ -30,6 +30,7 @@ SEQ = 32
 DOCS = [[5, 13, 9], [3, 22]]  # + padding; boundaries cross the chunks of cp = 2 and 4
 PERTURBED = (0, 5, 18)  # row, start, end of the document the isolation test changes
 STEPS = 3
+FLEX_SCALE = 32  # the flex test's rows: 1,024 tokens, so 128-token blocks are full, partial and skipped
 
 
 def tiny_cfg(attn_impl="sdpa") -> ModelConfig:
@@ -42,23 +43,25 @@ def make_model(attn_impl="sdpa") -> Emu3CausalLM:
     return Emu3CausalLM(tiny_cfg(attn_impl), VOCAB)
 
 
-def make_batch(seed=1) -> dict:
-    """The ``data.batch`` contract by hand: docs then a padding segment per row."""
+def make_batch(seed=1, scale=1) -> dict:
+    """The ``data.batch`` contract by hand: docs then a padding segment per row (every length x
+    ``scale``)."""
+    docs, seq = [[scale * n for n in lens] for lens in DOCS], scale * SEQ
     gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(1, VOCAB, (len(DOCS), SEQ), generator=gen)
+    tokens = torch.randint(1, VOCAB, (len(docs), seq), generator=gen)
     labels = torch.full_like(tokens, -100)
     positions = torch.zeros_like(tokens)
     bounds = [0]
-    for r, lens in enumerate(DOCS):
+    for r, lens in enumerate(docs):
         start = 0
         for n in lens:
             labels[r, start:start + n - 1] = tokens[r, start + 1:start + n]
             positions[r, start:start + n] = torch.arange(n)
             start += n
-            bounds.append(r * SEQ + start)
+            bounds.append(r * seq + start)
         tokens[r, start:] = 0
-        positions[r, start:] = torch.arange(SEQ - start)
-        bounds.append((r + 1) * SEQ)
+        positions[r, start:] = torch.arange(seq - start)
+        bounds.append((r + 1) * seq)
     weight = torch.where(torch.rand(tokens.shape, generator=gen) < 0.3, 0.5, 1.0)
     weight[labels == -100] = 0.0
     return {"tokens": tokens, "labels": labels, "loss_weight": weight, "position_ids": positions,
@@ -238,9 +241,7 @@ def _flex_worker(rank, world, batch):
         model = make_model(impl)
         apply_cp(model, mesh, "allgather")
         out[impl + "_cores"] = _cores(model)
-        for layer in model.model.layers:  # blocks of 4 tokens: full, partial and skipped blocks at S=32
-            if isinstance(layer.self_attn.core, FlexAllGatherCore):
-                layer.self_attn.core.block_size = 4
+        # the rows x 32 in 128-token blocks (CPU flex needs >= 128): full, partial and skipped blocks
         with torch.no_grad():
             out[impl] = _global_hidden(model, batch, rank, world, group)
     try:
@@ -264,7 +265,14 @@ def _flex_worker(rank, world, batch):
 
 @pytest.fixture(scope="module")
 def flex_run():
-    return run_distributed(_flex_worker, 2, args=(make_batch(),))  # compiles flex per process: ~20 s
+    return run_distributed(_flex_worker, 2, args=(make_batch(scale=FLEX_SCALE),))  # compiles flex: ~20 s
+
+
+@pytest.fixture(scope="module")
+def flex_reference():
+    batch = make_batch(scale=FLEX_SCALE)
+    with torch.no_grad():
+        return make_model()(batch["tokens"], batch["position_ids"], batch["cu_seqlens"]).numpy()
 
 
 def test_cp_picks_its_attention_core_by_model_attn_impl(flex_run):
@@ -278,8 +286,8 @@ def test_cp_picks_its_attention_core_by_model_attn_impl(flex_run):
         assert "token_index is not shard_batch's" in errors["token_index"]
 
 
-def test_cp_flex_and_auto_forward_match_one_process(flex_run, reference):
+def test_cp_flex_and_auto_forward_match_one_process(flex_run, flex_reference):
     for result in flex_run:
         for impl in ("sdpa", "auto", "flex"):
-            np.testing.assert_allclose(result[impl], reference["hidden"], atol=1e-5, rtol=1e-5, err_msg=impl)
+            np.testing.assert_allclose(result[impl], flex_reference, atol=1e-5, rtol=1e-5, err_msg=impl)
         assert "model.attn_impl=flex cannot train on CPU" in result["train_error"]

@@ -11,7 +11,7 @@ from harness import run_distributed
 
 from emu3_train.build import build_model
 from emu3_train.model.decoder import Emu3CausalLM
-from emu3_train.parallel.dims import ParallelDims
+from emu3_train.parallel.dims import layout_of
 from emu3_train.parallel.mesh import build_mesh
 from emu3_train.recipes import compose
 
@@ -24,7 +24,7 @@ def _gathered(rank, world, overrides):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     cfg = compose([*SMALL, *overrides])
-    dims = ParallelDims.from_config(cfg, world)
+    dims = layout_of(cfg, world)
     model, _ = build_model(cfg, 283, dims, build_mesh(dims, "cpu"), torch.device("cpu"), rank)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k: v.clone() for k, v in full.items()} if rank == 0 else None
@@ -55,7 +55,7 @@ def _rss_kib() -> int:
 
 def _setup_growth(rank, world, overrides):
     cfg = compose([*BIG, *overrides])
-    dims = ParallelDims.from_config(cfg, world)
+    dims = layout_of(cfg, world)
     mesh = build_mesh(dims, "cpu")
     before = _rss_kib()
     model, _ = build_model(cfg, 283, dims, mesh, torch.device("cpu"), rank)

@@ -41,17 +41,30 @@ def _record(rank, world, data, run_dir, overrides):
             "accum": t.accum}
 
 
-@pytest.mark.parametrize("layout", [["parallel.dp=2", "data.micro_batch_size=1"],
-                                    ["parallel.tp=2", "parallel.dp=1", "data.micro_batch_size=2"],
-                                    ["parallel.cp=2", "parallel.dp=1", "data.micro_batch_size=2"]],
-                         ids=["dp2", "tp2", "cp2"])
-def test_step_collectives_are_on_the_model_device_and_never_sync(data, tmp_path, layout):
+# Collectives of one step with L = 2 blocks and A = 2 micro-batches per rank (c10d + functional):
+#   ours: all_reduce([weight total, stop flag]) over the world first, all_reduce(loss sums) over
+#   dp_cp after the last backward (none under tp2: |dp_cp| = 1, tp ranks hold global sums), and the
+#   gradient norm's all_reduce (clip_grad_norm_ on DTensors), last;
+#   dp2: + FSDP2 per micro-batch (2L + 1) all-gathers and (L + 1) reduce-scatters: 3 + A(3L + 2) = 19;
+#   cp2: + the CP core's K and V all-gathers (2L) and their reduce-scatters in backward (2L): 35;
+#   tp2: + sequence-parallel gathers/reduce-scatters, norm-weight and vocab-parallel CE all-reduces: 56.
+EXPECTED = {"dp2": 19, "tp2": 56, "cp2": 35}
+LAYOUTS = {"dp2": ["parallel.dp=2", "data.micro_batch_size=1"],
+           "tp2": ["parallel.tp=2", "parallel.dp=1", "data.micro_batch_size=2"],
+           "cp2": ["parallel.cp=2", "parallel.dp=1", "data.micro_batch_size=2"]}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_step_collectives_are_on_the_model_device_and_never_sync(data, tmp_path, name):
+    layout = LAYOUTS[name]
     for r in run_distributed(_record, 2, (data, tmp_path / "run", layout)):
         assert not r["syncs"], "the step read a tensor's value on the host:\n" + "\n".join(r["syncs"])
         bad = [c for c in r["calls"] if any(d != r["device"] for d in c.devices)]
         assert not bad, f"collectives with tensors off the model's device ({r['device']}): {bad}"
         assert r["loss"] == r["loss"]  # finite and read only after the step
-        names = [c.name for c in r["calls"]]
-        # ours: [weight total, stop flag] over the world first, loss sums over dp_cp after backward
-        assert r["calls"][0].name == "all_reduce" and r["calls"][0].shapes == ((2,),)
-        print(layout, len(names), names)
+        assert r["accum"] == 2 and len(r["calls"]) == EXPECTED[name], [c.name for c in r["calls"]]
+        first = r["calls"][0]
+        assert first.name == "all_reduce" and first.shapes == ((2,),) and first.group_size == 2
+        sums = [c.name for c in r["calls"] if c.shapes == ((6,),)]  # the loss sums, over dp_cp
+        assert sums == ([] if name == "tp2" else ["all_reduce"])
+        assert r["calls"][-1].name == "f.all_reduce"  # the gradient norm, last

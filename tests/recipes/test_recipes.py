@@ -6,7 +6,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 
 from emu3_train.config import ConfigError, TrainConfig, validate
-from emu3_train.parallel.dims import ParallelDims
+from emu3_train.parallel.dims import layout_of
 from emu3_train.recipes import compose, recipes_dir
 from emu3_train.vocab import get_vocab
 
@@ -50,7 +50,7 @@ def test_parallel_presets_reject_other_world_sizes():
     with pytest.raises(ConfigError, match="world size 4"):
         validate(cfg, world_size=4)
     nodes = compose(_overrides("parallel", "nodes"))
-    assert ParallelDims.from_config(nodes, 16).dp == 8  # dp takes what tp leaves
+    assert layout_of(nodes, 16).dp == 8  # dp takes what tp leaves
 
 
 def test_emu3_1b_is_emu3_shaped_and_about_a_billion_in_the_blocks():
@@ -93,7 +93,7 @@ def test_stage_experiments():
     assert s2.checkpoint.init_from
     demo = compose(["experiment=demo"])
     assert demo.eval.task == "digits" and demo.model.name == "tiny"
-    accum = ParallelDims.from_config(demo, 1).grad_accum_steps(demo)
+    accum = layout_of(demo, 1).grad_accum_steps(demo.data.global_batch_size, demo.data.micro_batch_size)
     assert accum * demo.data.micro_batch_size == demo.data.global_batch_size
 
 

@@ -63,15 +63,23 @@ def test_varlen_segments_are_the_documents_with_every_row_end():
 
 
 def test_flex_forward_equals_sdpa_on_packed_rows_with_padding():
-    tokens, positions, cu, _ = packed_batch(DOCS, seq_len=SEQ)
+    # DOCS x 16 in 128-token blocks (CPU flex needs >= 128): full, partial and tail blocks at S=528
+    tokens, positions, cu, _ = packed_batch([[16 * n for n in row] for row in DOCS], seq_len=16 * SEQ)
     reference = make_model()
     flex = make_model(attn_impl="flex")
-    for layer in flex.model.layers:  # blocks of 8 tokens: full, partial and tail blocks at S=33
-        layer.self_attn.core.block_size = 8
     with torch.no_grad():  # no CPU backward: forward only (compiled, ~10 s the first time)
         expected = reference(tokens, positions, cu)
         got = flex(tokens, positions, cu)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_flex_refuses_blocks_its_kernel_gets_wrong():
+    tokens, positions, cu, _ = packed_batch(DOCS, seq_len=SEQ)
+    flex = make_model(attn_impl="flex")
+    for layer in flex.model.layers:
+        layer.self_attn.core.block_size = 8
+    with torch.no_grad(), pytest.raises(ValueError, match="blocks of >= 128 tokens"):
+        flex(tokens, positions, cu)
 
 
 def test_training_with_gpu_only_kernels_on_cpu_fails_naming_attn_impl():

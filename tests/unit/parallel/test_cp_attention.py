@@ -172,9 +172,10 @@ def test_block_mask_matches_the_exact_block_mask(cp, rank, block):
 
 @pytest.mark.parametrize("cp,rank", [(3, 1), (2, 0)])
 def test_flex_with_the_cp_block_mask_equals_the_reference_forward(cp, rank):
-    q_index, q_docs, k_index, k_docs, _ = shard(cp, rank)
-    q, k, v = (t.detach() for t in qkv(2, q_index.shape[1], SEQ, 4, 2, dtype=torch.float32))
-    block = cp_block_mask(q_index, q_docs, k_index, k_docs, 4)
+    # the documents x 32 in 128-token blocks (CPU flex needs >= 128; 4-token blocks at x 1)
+    q_index, q_docs, k_index, k_docs, _ = shard(cp, rank, cu=[32 * c for c in CU_SEQLENS], seq=32 * SEQ)
+    q, k, v = (t.detach() for t in qkv(2, q_index.shape[1], 32 * SEQ, 4, 2, dtype=torch.float32))
+    block = cp_block_mask(q_index, q_docs, k_index, k_docs, 128)
     with torch.no_grad():  # no CPU backward: forward only (compiled, ~10 s the first time)
         expected = dense_document_attention(q, k, v, q_index, q_docs, k_index, k_docs)
         got = compiled_flex_attention()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
