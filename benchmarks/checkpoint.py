@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from emu3_train.checkpoint import CheckpointManager
+from emu3_train.checkpoint import CheckpointManager, TrainState, training_state
 from emu3_train.config import ModelConfig, OptimConfig
 from emu3_train.model.decoder import Emu3CausalLM
 from emu3_train.optim import build_optimizer, build_scheduler
@@ -33,7 +33,7 @@ def _blocking_seconds(model, opt, sched, root: Path, async_save: bool, repeats: 
     times = []
     for step in range(1, repeats + 1):
         t0 = time.perf_counter()
-        manager.save(step, model, opt, sched, {"cursor": step}, {}, 0)
+        manager.save(training_state(model, opt, sched, {"cursor": step}, TrainState(step)), {})
         times.append(time.perf_counter() - t0)
         manager.wait()  # not timed: the next step of a real run overlaps this
     return sorted(times)[len(times) // 2]

@@ -30,6 +30,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,6 +46,7 @@ from torch.distributed.checkpoint.state_dict import (
 from emu3_train.weights import check_fit, dcp_tensor_shapes, state_shapes
 
 SIDE_FILES = ("scheduler.json", "loader.json", "meta.json")
+JSON_PARTS = {"scheduler": "scheduler.json", "loader": "loader.json"}  # the state's host-side parts
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -97,6 +99,56 @@ def _quiet(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
+@dataclass
+class TrainState:
+    """What the loop itself has done: optimizer steps and tokens of the whole global batch."""
+
+    step: int = 0
+    tokens: int = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.step, self.tokens = int(sd["step"]), int(sd["tokens_seen"])
+
+
+class ModelOptimizer:
+    """The model's and optimizer's tensors as one Stateful part, sharded as the model is (DCP)."""
+
+    def __init__(self, model, optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def load_state_dict(self, sd: dict) -> None:
+        set_state_dict(self.model, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+
+
+class JsonState:
+    """A plain JSON-able dict as a Stateful part (a loader cursor held by a tool or a test)."""
+
+    def __init__(self, value: dict | None = None):
+        self.value = dict(value or {})
+
+    def state_dict(self) -> dict:
+        return self.value
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.value = dict(sd)
+
+
+def training_state(model, optimizer, scheduler, loader, train: TrainState | None = None) -> dict:
+    """The checkpointed state of a run as Stateful parts: ``model`` (model + optimizer tensors, DCP),
+    ``scheduler`` and ``loader`` (JSON side files; ``loader`` may be a plain dict), ``train``
+    (:class:`TrainState`, in ``meta.json``)."""
+    return {"model": ModelOptimizer(model, optimizer), "scheduler": scheduler,
+            "loader": JsonState(loader) if isinstance(loader, dict) else loader,
+            "train": train if train is not None else TrainState()}
+
+
 class CheckpointManager:
     """Saves checkpoints of one run into ``ckpt_dir``; every rank calls :meth:`save` together.
 
@@ -117,10 +169,11 @@ class CheckpointManager:
         # background writes must not share a process group with the training collectives
         self._group = dist.new_group(backend="gloo") if _world() > 1 else None
 
-    def save(self, step: int, model, optimizer, scheduler, loader_state: dict, config: dict,
-             tokens_seen: int) -> Path:
-        """Start writing ``step_{step:06d}``; returns its final path (complete after :meth:`wait`)."""
+    def save(self, state: dict, config: dict) -> Path:
+        """Start writing ``state`` (:func:`training_state`'s parts) as ``step_{step:06d}`` of its
+        ``train`` part; returns the final path (complete after :meth:`wait`)."""
         self.wait()
+        step = state["train"].step
         t0 = time.perf_counter()
         final, tmp = self.dir / f"step_{step:06d}", self.dir / f".tmp_step_{step:06d}"
         if self.is_rank0:
@@ -131,19 +184,18 @@ class CheckpointManager:
                     "cuda": torch.stack(torch.cuda.get_rng_state_all()) if torch.cuda.is_available()
                     else torch.empty(0, dtype=torch.uint8)}, tmp / "rng" / f"rank_{_rank():05d}.pt")
         if self.is_rank0:
-            _write_json(tmp / "scheduler.json", scheduler.state_dict())
-            _write_json(tmp / "loader.json", loader_state)
+            for part, name in JSON_PARTS.items():
+                _write_json(tmp / name, state[part].state_dict())
             _write_json(tmp / "meta.json", {
-                "step": step, "tokens_seen": tokens_seen, "config": config, "git_sha": _git_sha(),
+                **state["train"].state_dict(), "config": config, "git_sha": _git_sha(),
                 "versions": _versions(), "world_size": _world(),
             })
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+        tensors = state["model"].state_dict()
         if self.async_save:
             # Each rank wrote its side files above before its shards: rank 0's future completes
             # after DCP's coordinator gathered every rank's write and wrote .metadata, so by then
             # nothing of this checkpoint is left to write.
-            future = _quiet(dcp.async_save, state, checkpoint_id=str(tmp), process_group=self._group)
+            future = _quiet(dcp.async_save, tensors, checkpoint_id=str(tmp), process_group=self._group)
             published, error = threading.Event(), []
             self._pending = (future, published, error)
             if self.is_rank0:
@@ -154,7 +206,7 @@ class CheckpointManager:
             if self.after_launch is not None:
                 self.after_launch(step)
         else:
-            _quiet(dcp.save, state, checkpoint_id=str(tmp), process_group=self._group)
+            _quiet(dcp.save, tensors, checkpoint_id=str(tmp), process_group=self._group)
             _barrier()
             if self.is_rank0:
                 self._publish(tmp, final, t0)
@@ -208,7 +260,8 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, load
                     config: dict, tokens_seen: int, is_rank0: bool = True) -> Path:
     """Write one checkpoint synchronously (keeps all others). Returns its path."""
     manager = CheckpointManager(ckpt_dir, is_rank0=is_rank0)
-    return manager.save(step, model, optimizer, scheduler, loader_state, config, tokens_seen)
+    return manager.save(training_state(model, optimizer, scheduler, loader_state,
+                                       TrainState(step, tokens_seen)), config)
 
 
 def verify_checkpoint(path: Path) -> None:
@@ -289,24 +342,34 @@ def load_weights(path: str | os.PathLike, model) -> Path:
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler) -> dict:
-    """Restore model, optimizer, scheduler and RNG; returns ``meta.json`` plus ``loader`` state."""
+def restore(path: str | os.PathLike, state: dict) -> dict:
+    """Load every part of ``state`` (:func:`training_state`) and this rank's RNG from ``path``
+    (checked against the model and optimizer first); returns ``meta.json`` plus its ``path``."""
     path = resolve_checkpoint(path)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    _check_fit(path, model_sd, optim_sd)
-    state = {"model": model_sd, "optim": optim_sd}
-    _quiet(dcp.load, state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
+    part = state["model"]
+    tensors = part.state_dict()
+    _check_fit(path, tensors["model"], tensors["optim"])
+    _quiet(dcp.load, tensors, checkpoint_id=str(path))
+    part.load_state_dict(tensors)
+    for name, file in JSON_PARTS.items():
+        state[name].load_state_dict(json.loads((path / file).read_text()))
+    meta = json.loads((path / "meta.json").read_text())
+    state["train"].load_state_dict(meta)
     rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
     if rng_file.is_file():  # absent when resuming on more ranks than saved: keep the seeded streams
         rng = torch.load(rng_file, weights_only=True)
         torch.set_rng_state(rng["cpu"])
         if torch.cuda.is_available() and rng["cuda"].numel():
             torch.cuda.set_rng_state_all(list(rng["cuda"]))
-    meta = json.loads((path / "meta.json").read_text())
-    meta["loader"] = json.loads((path / "loader.json").read_text())
     meta["path"] = str(path)
+    return meta
+
+
+def load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler) -> dict:
+    """:func:`restore` for tools holding no loader: returns ``meta.json`` plus ``loader`` state."""
+    state = training_state(model, optimizer, scheduler, {})
+    meta = restore(path, state)
+    meta["loader"] = state["loader"].value
     return meta
 
 
@@ -315,88 +378,3 @@ def is_hf_folder(path: str | os.PathLike) -> bool:
     writes), not a training checkpoint."""
     path = Path(path)
     return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
-
-
-def _newest_complete(ckpt_dir: Path) -> Path | None:
-    """The checkpoint :func:`resolve_checkpoint` would load from ``ckpt_dir``, or None."""
-    try:
-        with warnings.catch_warnings():  # the fallback warning is for the load, not for this check
-            warnings.simplefilter("ignore")
-            return resolve_checkpoint(ckpt_dir)
-    except (CheckpointError, OSError):
-        return None
-
-
-def check_checkpoint_path(path: str | os.PathLike, field: str) -> None:
-    """Fail early, before any model is built, when ``path`` (the value of config ``field``,
-    ``checkpoint.init_from`` or ``checkpoint.resume``) is not a checkpoint the loaders can read.
-
-    Raises ``ConfigError`` with one line saying what the path is and what to do: it does not exist,
-    is a Hugging Face folder our decoder cannot load (any, for ``resume``), an unfinished
-    (``.tmp_step_*``) or incomplete save, a ckpt folder without a complete checkpoint, or (for
-    ``resume``) a weights-only checkpoint.
-    """
-    from emu3_train.config import ConfigError
-
-    path, shown = Path(path), f"{field}={path}"
-    resume = field.endswith("resume")
-    usage = "a run's ckpt folder, its ckpt/latest or a ckpt/step_N folder"
-    if not path.exists():
-        if resume:
-            raise ConfigError(f"{shown}: does not exist; pass {usage}, or checkpoint.resume=latest to "
-                              "continue this run from its own checkpoints")
-        raise ConfigError(f"{shown}: does not exist (no run has saved a checkpoint there); run `make "
-                          "pretrain-stage1` first or pass INIT=... (checkpoint.init_from=RUN/ckpt/latest, "
-                          "a ckpt/step_N folder or a Hugging Face model folder)")
-    if is_hf_folder(path):
-        if resume:
-            raise ConfigError(f"{shown}: a Hugging Face model folder (config.json + *.safetensors) has no "
-                              f"optimizer or data state to resume; start from its weights with "
-                              f"checkpoint.init_from={path}")
-        from emu3_train.interop.hf import InteropError  # transformers: only for HF folders
-        from emu3_train.interop.hf_load import check_hf_folder
-
-        try:
-            check_hf_folder(path)
-        except InteropError as e:
-            raise ConfigError(f"{shown}: a Hugging Face model folder this decoder cannot load: {e}") from e
-        return
-    if path.is_file() and path.name != "latest":
-        raise ConfigError(f"{shown}: a file, not a checkpoint; pass {usage}")
-    if re.match(r"^\.tmp_step_\d+$", path.name):
-        found = _newest_complete(path.parent)
-        todo = (f"pass {path.parent} to load its newest complete checkpoint ({found.name})" if found
-                else f"{path.parent} has no complete checkpoint: pass another one or start without {field}")
-        raise ConfigError(f"{shown}: an unfinished save (the run stopped while writing it; it is never "
-                          f"loaded); {todo}")
-    found = _newest_complete(path)
-    if found is None:
-        ckpt_dir = path.parent if path.is_file() else path
-        is_ckpt_dir = (ckpt_dir / "latest").is_file() or any(_STEP_DIR.match(p.name)
-                                                            for p in ckpt_dir.glob("step_*"))
-        if is_ckpt_dir:
-            raise ConfigError(f"{shown}: no complete checkpoint in {ckpt_dir} (every save there is "
-                              f"unfinished or damaged); pass another checkpoint or start without {field}")
-        if not (path / ".metadata").is_file() and not _STEP_DIR.match(path.name) and not any(
-                (path / name).is_file() for name in SIDE_FILES):
-            raise ConfigError(f"{shown}: not a checkpoint (no .metadata, no step_* folders, no latest); "
-                              f"pass {usage}")
-        try:
-            verify_checkpoint(path)
-            why = "unreadable"
-        except CheckpointError as e:
-            why = ("no .metadata: its save did not finish" if not (path / ".metadata").is_file()
-                   else str(e).splitlines()[0])
-        other = _newest_complete(path.parent)
-        todo = (f"pass {path.parent} to load its newest complete checkpoint ({other.name})" if other
-                else f"no complete checkpoint is in {path.parent}: pass another one or start without {field}")
-        raise ConfigError(f"{shown}: an incomplete checkpoint ({why}); {todo}")
-    if resume:
-        try:
-            weights_only = json.loads((found / "meta.json").read_text()).get("weights_only", False)
-        except (OSError, ValueError, AttributeError):
-            weights_only = False
-        if weights_only:
-            raise ConfigError(f"{shown}: a weights-only checkpoint ({found}, e.g. imported from HF) has no "
-                              "optimizer or data state to resume; start from it with "
-                              f"checkpoint.init_from={path}")

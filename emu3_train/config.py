@@ -253,7 +253,7 @@ def check_checkpoint_paths(cfg: TrainConfig, run_dir: str | Path) -> None:
 
     Raises :class:`ConfigError` saying what the path is and what to do.
     """
-    from emu3_train.checkpoint import check_checkpoint_path  # torch: imported only when checking
+    from emu3_train.checkpoint_paths import check_checkpoint_path  # torch: imported only when checking
 
     c = cfg.checkpoint
     resume = c.resume

@@ -15,14 +15,14 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from emu3_train.build import build_model
-from emu3_train.checkpoint import CheckpointManager, load_checkpoint
+from emu3_train.checkpoint import CheckpointManager, TrainState, restore, training_state
 from emu3_train.config import ConfigError, TrainConfig, validate
 from emu3_train.data.blend import open_blend
 from emu3_train.data.index import ShardError
@@ -58,14 +58,6 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("trainer.device=cuda but no CUDA device is available")
     return torch.device(name)
-
-
-@dataclass
-class TrainState:
-    """What the loop itself has done: optimizer steps and tokens of the whole global batch."""
-
-    step: int = 0
-    tokens: int = 0
 
 
 class Trainer:
@@ -123,13 +115,17 @@ class Trainer:
             keep_every=cfg.checkpoint.keep_every, is_rank0=self.is_rank0, on_durable=self._on_durable,
             after_launch=self.faults.after_save_launch)
         self.state = TrainState()
+        # what a checkpoint holds: Stateful parts (model + optimizer, scheduler, loader, TrainState)
+        self.stateful = training_state(self.model, self.optimizer, self.scheduler, self.loader, self.state)
         self.window = StepWindow()  # this interval's step statistics, still on the device
         self.bad_steps = 0
         self.spikes = SpikeDetector(cfg.trainer.spike_factor)
         self.stop_signal: str | None = None  # this rank's, or any rank's once the flag was read
         self._stop_read = False  # some rank's stop flag was read: every rank stops at this step
         if resume_from is not None:
-            self._resume(resume_from)
+            meta = restore(resume_from, self.stateful)
+            if self.is_rank0:
+                print(f"resumed from {meta['path']} at step {self.step}", flush=True)
         self.logger = MetricLogger(cfg.wandb, self.run_dir, cfg.run_name, asdict(cfg), self.is_rank0)
         if self.is_rank0:
             n = sum(p.numel() for p in self.model.parameters())
@@ -180,13 +176,6 @@ class Trainer:
             print(f"checkpoint.resume=latest: no checkpoint in {self.ckpt_dir} yet; starting fresh",
                   flush=True)
         return None
-
-    def _resume(self, path: Path) -> None:
-        meta = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
-        self.loader.load_state_dict(meta["loader"])
-        self.state = TrainState(step=int(meta["step"]), tokens=int(meta["tokens_seen"]))
-        if self.is_rank0:
-            print(f"resumed from {meta['path']} at step {self.step}", flush=True)
 
     @property
     def step(self) -> int:
@@ -331,8 +320,7 @@ class Trainer:
 
     def save(self, wait: bool = False) -> Path:
         """Checkpoint the current step (in the background with ``checkpoint.async_save``)."""
-        path = self.checkpoints.save(self.step, self.model, self.optimizer, self.scheduler,
-                                     self.loader.state_dict(), asdict(self.cfg), self.state.tokens)
+        path = self.checkpoints.save(self.stateful, asdict(self.cfg))
         if wait:
             self.checkpoints.wait()
         return path

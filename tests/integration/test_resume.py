@@ -6,7 +6,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from emu3_train.checkpoint import CheckpointError, CheckpointManager, load_weights, resolve_checkpoint
+from emu3_train.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    TrainState,
+    load_weights,
+    resolve_checkpoint,
+    training_state,
+)
 from emu3_train.model.decoder import Emu3CausalLM
 from emu3_train.recipes import compose
 from emu3_train.trainer import Trainer
@@ -56,7 +63,7 @@ def test_retention_keeps_last_k_and_every_m(demo_data, tmp_path):
     t = _trainer(demo_data, tmp_path)
     manager = CheckpointManager(tmp_path / "ckpt", keep_last=2, keep_every=4)
     for step in range(1, 9):
-        manager.save(step, t.model, t.optimizer, t.scheduler, {}, {}, 0)
+        manager.save(training_state(t.model, t.optimizer, t.scheduler, {}, TrainState(step)), {})
     kept = sorted(p.name for p in (tmp_path / "ckpt").glob("step_*"))
     assert kept == ["step_000004", "step_000007", "step_000008"]
 
@@ -66,7 +73,7 @@ def test_truncated_shard_falls_back_with_warning(demo_data, tmp_path):
     manager = CheckpointManager(tmp_path / "ckpt")
     for step in (1, 2):
         t.train_step()
-        manager.save(step, t.model, t.optimizer, t.scheduler, {}, {}, 0)
+        manager.save(training_state(t.model, t.optimizer, t.scheduler, {}, TrainState(step)), {})
     shard = next((tmp_path / "ckpt" / "step_000002").glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     with pytest.raises(CheckpointError, match=rf"{shard.name}: truncated"):

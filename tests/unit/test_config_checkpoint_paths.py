@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from emu3_train.checkpoint import check_checkpoint_path, is_hf_folder, save_checkpoint
+from emu3_train.checkpoint import is_hf_folder, save_checkpoint
+from emu3_train.checkpoint_paths import check_checkpoint_path
 from emu3_train.config import (
     CheckpointConfig,
     ConfigError,

@@ -1,7 +1,8 @@
 """Tiny documents and hand-made tars for the index_shards / inspect_shards tests (demo vocabulary).
 
 Fixtures: ``good_docs`` (write_shards input dicts), ``bad_docs`` (key -> tokens with one problem
-each), ``make_tar(path, [(key, tokens, task), ...])`` (a tar written member by member, no checks).
+each), ``make_tar(path, [(key, tokens, task), ...])`` (a tar written member by member, no checks),
+``demo`` (the digits demo's shards, built once per module).
 """
 
 from __future__ import annotations
@@ -20,6 +21,16 @@ from emu3_train.vocab import get_vocab
 
 VOCAB = get_vocab("demo")
 TOK = load_tokenizer(VOCAB)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    """The digits demo's shards (``data_pipelines.demo.build_demo``): train/ and eval/."""
+    from emu3_train.data_pipelines.demo import build_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    build_demo(out)
+    return out
 
 
 @pytest.fixture

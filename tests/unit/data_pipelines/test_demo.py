@@ -24,13 +24,6 @@ from emu3_train.data_pipelines.demo import (  # installed from data_pipelines/
 VOCAB = get_vocab("demo")
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    build_demo(out)
-    return out
-
-
 def test_splits_hold_two_documents_per_image(demo):
     train, evalset = ShardSet(demo / "train", VOCAB), ShardSet(demo / "eval", VOCAB)
     assert len(train) == 1617 * 2 and len(evalset) == 180 * 2

@@ -21,18 +21,10 @@ from emu3_train.data.stream import ShardSet
 from emu3_train.vocab import get_vocab
 
 # isort: split
-from emu3_train.data_pipelines.demo import build_demo  # installed from data_pipelines/
 from emu3_train.data_pipelines.index_shards import main as index_main
 from emu3_train.data_pipelines.inspect_shards import main as inspect_main
 
 VOCAB = get_vocab("demo")
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    build_demo(out)
-    return out
 
 
 @pytest.fixture

@@ -9,16 +9,16 @@ import torch.distributed as dist
 from emu3_train.parallel import mesh
 
 
-def _init(monkeypatch, device_type: str) -> dict:
+def _init(monkeypatch, device_type: str, world: int = 2, rank: int = 1) -> dict:
     calls = {}
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("LOCAL_RANK", str(rank))
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda **kw: calls.update(kw))
-    monkeypatch.setattr(dist, "get_rank", lambda: 1)
-    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda: rank)
+    monkeypatch.setattr(dist, "get_world_size", lambda: world)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.setdefault("set_device", d))
-    assert mesh.init_distributed(device_type, timeout_s=60) == (1, 2)
+    assert mesh.init_distributed(device_type, timeout_s=60) == (rank, world)
     return calls
 
 
@@ -42,13 +42,6 @@ def test_single_process_creates_no_group(monkeypatch):
 
 def test_torchrun_with_one_process_still_creates_a_group(monkeypatch):
     """So one GPU under torchrun exercises a real NCCL group (benchmarks/gpu_check.sh)."""
-    calls = {}
-    monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "smoke")
-    monkeypatch.setattr(dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(dist, "init_process_group", lambda **kw: calls.update(kw))
-    monkeypatch.setattr(dist, "get_rank", lambda: 0)
-    monkeypatch.setattr(dist, "get_world_size", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
-    assert mesh.init_distributed("cuda", timeout_s=60) == (0, 1)
+    calls = _init(monkeypatch, "cuda", world=1, rank=0)
     assert calls["backend"] == "cpu:gloo,cuda:nccl"
