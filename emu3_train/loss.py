@@ -9,8 +9,8 @@ divides by the global weight sum. Full [B, S, V] logits are never materialized.
                                   vision_start=vocab.vision_start, z_loss=cfg.loss.z_loss,
                                   impl=cfg.loss.impl, chunk_size=cfg.loss.chunk_size)
 
-:func:`model_weighted_ce` does the same with the model's head, plain or vocab-parallel (tensor
-parallelism: each tp rank passes its rows of ``lm_head.weight`` and the tp group).
+Under tensor parallelism each tp rank passes its rows of ``lm_head.weight``, their first row and
+the tp group (``StepPlan.head``).
 """
 
 from __future__ import annotations
@@ -19,10 +19,8 @@ import math
 from collections.abc import Mapping
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from emu3_train.kernels.fused_linear_ce import fused_linear_cross_entropy
-from emu3_train.parallel.tensor_parallel import output_shard
 
 
 def weighted_ce(
@@ -71,27 +69,6 @@ def weighted_ce(
         impl=impl,
         chunk_size=chunk_size,
     )
-
-
-def model_weighted_ce(
-    model: torch.nn.Module,
-    hidden: torch.Tensor,
-    labels: torch.Tensor,
-    loss_weight: torch.Tensor,
-    **kwargs,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """:func:`weighted_ce` with ``model``'s output head (an ``Emu3CausalLM``), plain or
-    tensor-parallel (``parallel.tensor_parallel.output_shard``); ``kwargs`` as weighted_ce's.
-
-    ``hidden`` [B, S, H] must be every token's hidden state on every tp rank (what the decoder
-    returns after ``apply_tp``); a DTensor is gathered whole first. The loss and stats are the
-    same on every tp rank; the gradient reaching ``hidden`` is already reduced over tp.
-    """
-    if isinstance(hidden, DTensor):
-        hidden = hidden.full_tensor()  # backward: slices the (already reduced) full gradient
-    weight, vocab_start, tp_group = output_shard(model)
-    return weighted_ce(hidden, weight, labels, loss_weight, vocab_start=vocab_start,
-                       tp_group=tp_group, **kwargs)
 
 
 def class_means(stats: Mapping[str, torch.Tensor | float]) -> dict[str, float]:

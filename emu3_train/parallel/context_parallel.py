@@ -49,7 +49,6 @@ from emu3_train.parallel.cp_attention import (
     RowOrderAttention,
     cp_block_mask,
     plan_query_chunks,
-    rank_to_row_order,
 )
 
 CP_IMPLS = CHOICES["parallel.cp_impl"]
@@ -99,11 +98,6 @@ def shard_batch(batch: dict, cp_rank: int, cp: int) -> dict:
     rows = torch.arange(b, device=cols.device)[:, None] * s
     out["token_index"] = rows + cols[None, :]
     return out
-
-
-def unshard_sequence(shards: list[torch.Tensor], dim: int = 1) -> torch.Tensor:
-    """Inverse of :func:`shard_batch` along ``dim``: the cp ranks' shards (rank order) -> row order."""
-    return rank_to_row_order(shards, dim=dim)
 
 
 class ContextParallelLayout:

@@ -36,7 +36,9 @@ shards and differ from one process; exact only with dropout 0.
 
     apply_tp(model, mesh["tp"], sequence_parallel=True)   # first pass: before CP and FSDP2
     hidden = model(tokens, position_ids, cu_seqlens)      # [B, S, H], replicated over tp
-    loss_sum, stats = model_weighted_ce(model, hidden, labels, loss_weight, vision_start=...)
+    weight, vocab_start, tp_group = output_shard(model, mesh["tp"])
+    loss_sum, stats = weighted_ce(hidden, weight, labels, loss_weight, vocab_start=vocab_start,
+                                  tp_group=tp_group, vision_start=...)
 """
 
 from __future__ import annotations

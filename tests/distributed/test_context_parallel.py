@@ -17,12 +17,13 @@ from torch.distributed.device_mesh import init_device_mesh
 from emu3_train.config import ModelConfig
 from emu3_train.loss import weighted_ce
 from emu3_train.model.decoder import Emu3CausalLM, apply_recompute
-from emu3_train.parallel.context_parallel import apply_cp, shard_batch, unshard_sequence
+from emu3_train.parallel.context_parallel import apply_cp, shard_batch
 from emu3_train.parallel.cp_attention import (
     AllGatherCore,
     AutoAllGatherCore,
     FlexAllGatherCore,
     RowOrderAttention,
+    rank_to_row_order,
 )
 
 VOCAB = 283
@@ -106,7 +107,7 @@ def _global_hidden(model, batch, rank, world, group):
     local = _forward(model, shard_batch(batch, rank, world)).detach()
     shards = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(shards, local, group=group)
-    return unshard_sequence(shards).numpy()
+    return rank_to_row_order(shards).numpy()
 
 
 def _cp_worker(rank, world, impl, chunk_size, recompute, batch):
@@ -179,7 +180,7 @@ def test_shard_batch_keeps_chunk_r_and_its_mirror_and_round_trips():
             assert torch.equal(shard["token_index"], flat)  # the index space of cu_seqlens
             assert shard["cu_seqlens"] is batch["cu_seqlens"] and shard["num_docs"] == batch["num_docs"]
         for key in ("tokens", "labels", "loss_weight", "position_ids"):
-            assert torch.equal(unshard_sequence([s[key] for s in shards]), batch[key])
+            assert torch.equal(rank_to_row_order([s[key] for s in shards]), batch[key])
         weights = sum(float(s["loss_weight"].sum()) for s in shards)
         assert weights == float(batch["loss_weight"].sum())
 

@@ -14,10 +14,19 @@ from torch.distributed.tensor import DTensor
 from emu3_train.config import ModelConfig
 from emu3_train.data.batch import build_batch
 from emu3_train.data.packing import Piece
-from emu3_train.loss import model_weighted_ce, weighted_ce
+from emu3_train.loss import weighted_ce
 from emu3_train.model.decoder import Emu3CausalLM
 from emu3_train.parallel.tensor_parallel import apply_tp, output_shard, vocab_range
 from emu3_train.vocab import get_vocab
+
+
+def model_weighted_ce(model, hidden, labels, loss_weight, **kwargs):
+    """weighted_ce with the model's head, plain or vocab-parallel (output_shard), as the step does."""
+    if isinstance(hidden, DTensor):
+        hidden = hidden.full_tensor()  # backward: slices the (already reduced) full gradient
+    weight, vocab_start, tp_group = output_shard(model)
+    return weighted_ce(hidden, weight, labels, loss_weight, vocab_start=vocab_start, tp_group=tp_group,
+                       **kwargs)
 
 VOCAB = get_vocab("demo")
 CFG = ModelConfig(hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
