@@ -202,9 +202,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         self.state.tokens += cfg.data.global_batch_size * cfg.data.seq_len
-        self.window.add({**out, "train/grad_norm": grad_norm, "finite": finite,
-                         "train/loss": out["loss"], "train/loss_text": out["loss_text"],
-                         "train/loss_vision": out["loss_vision"]}, {
+        self.window.add({"train/loss": out["loss"], "train/loss_text": out["loss_text"],
+                         "train/loss_vision": out["loss_vision"], "train/grad_norm": grad_norm,
+                         "finite": finite, "stop": out["stop"]}, {
             "step": self.state.step, "train/lr": self.scheduler.get_last_lr()[0],
             "tokens": sum(int(b["tokens"].numel()) for b in batches),  # this dp rank's rows
             "pad": sum(b["num_pad"] for b in batches), "docs": sum(b["num_docs"] for b in batches),
