@@ -109,13 +109,18 @@ def test_text_model_of_emu3_for_conditional_generation(tmp_path):
     _assert_equal(model, text)
 
 
+def _edited_copy(folder, dest, edit):
+    """A copy of the HF ``folder`` at ``dest`` whose tensors ``edit(tensors)`` changed in place."""
+    shutil.copytree(folder, dest)
+    tensors = load_file(dest / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, dest / "model.safetensors")
+    return dest
+
+
 def test_tied_head_is_the_embedding_table(exported, tmp_path):
     folder, source = exported
-    tied = tmp_path / "tied"
-    shutil.copytree(folder, tied)
-    tensors = load_file(tied / "model.safetensors")
-    del tensors["lm_head.weight"]
-    save_file(tensors, tied / "model.safetensors")
+    tied = _edited_copy(folder, tmp_path / "tied", lambda tensors: tensors.pop("lm_head.weight"))
     config = json.loads((tied / "config.json").read_text())
     (tied / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
     model = _empty()
@@ -144,13 +149,13 @@ def test_another_model_is_one_line_naming_config_json(exported):
 
 def test_missing_unexpected_and_reshaped_tensors_are_named(exported, tmp_path):
     folder, _ = exported
-    bad = tmp_path / "bad"
-    shutil.copytree(folder, bad)
-    tensors = load_file(bad / "model.safetensors")
-    del tensors["model.layers.1.mlp.up_proj.weight"]
-    tensors["model.layers.1.mlp.extra.weight"] = torch.zeros(3)
-    tensors["model.norm.weight"] = torch.ones(31)
-    save_file(tensors, bad / "model.safetensors")
+
+    def edit(tensors):
+        del tensors["model.layers.1.mlp.up_proj.weight"]
+        tensors["model.layers.1.mlp.extra.weight"] = torch.zeros(3)
+        tensors["model.norm.weight"] = torch.ones(31)
+
+    bad = _edited_copy(folder, tmp_path / "bad", edit)
     message = _error(bad, _empty())
     assert message.startswith(f"{bad}: does not fit this model: ")
     assert "the folder has no tensor 'model.layers.1.mlp.up_proj.weight' (1 missing)" in message
@@ -166,12 +171,8 @@ def test_import_refuses_tensors_config_json_does_not_describe(exported, tmp_path
     from emu3_train.interop.hf import import_hf
 
     folder, _ = exported
-    extra = tmp_path / "extra"
-    shutil.copytree(folder, extra)
-    tensors = load_file(extra / "model.safetensors")
-    tensors |= {k.replace("layers.1.", "layers.2."): v.clone() for k, v in tensors.items()
-                if ".layers.1." in k}
-    save_file(tensors, extra / "model.safetensors")
+    extra = _edited_copy(folder, tmp_path / "extra", lambda tensors: tensors.update(
+        {k.replace("layers.1.", "layers.2."): v.clone() for k, v in tensors.items() if ".layers.1." in k}))
     with pytest.raises(WeightsMismatchError) as e:
         import_hf(extra, tmp_path / "ckpt")
     message = str(e.value)
