@@ -99,7 +99,8 @@ def format_meta(meta: VisionMeta) -> str:
         return f"{meta.h}*{meta.w}"
     if meta.duration is None:
         raise ValueError(f"vision meta {meta}: a video needs both fps and duration")
-    return f"{meta.frames}*{meta.h}*{meta.w} {_number(meta.fps, 'fps')}fps {_number(meta.duration, 'duration')}s"
+    fps, duration = _number(meta.fps, "fps"), _number(meta.duration, "duration")
+    return f"{meta.frames}*{meta.h}*{meta.w} {fps}fps {duration}s"
 
 
 def parse_meta(text: str) -> VisionMeta:
@@ -178,7 +179,8 @@ def vision_spans(tokens: np.ndarray, vocab: Vocab) -> np.ndarray:
     return spans
 
 
-def parse_vision_block_meta(block: np.ndarray, vocab: Vocab, decode: Callable) -> tuple[np.ndarray, VisionMeta]:
+def parse_vision_block_meta(block: np.ndarray, vocab: Vocab,
+                            decode: Callable) -> tuple[np.ndarray, VisionMeta]:
     """``(codes [T, h, w], meta)`` of one vision block (SOV .. EOV), checked against its meta: the
     grid, and for video meta the number of code frames."""
     block = np.asarray(block)

@@ -52,10 +52,12 @@ def test_malformed_meta_is_rejected_naming_the_text(text):
 
 
 @pytest.mark.parametrize("meta, match", [
-    (VisionMeta(0, 4), "'h'"), (VisionMeta(4, -1), "'w'"), (VisionMeta(4, 4, frames=0, fps=8, duration=1), "frames"),
-    (VisionMeta(4, 4, frames=2, fps=0.0001, duration=1), "fps"), (VisionMeta(4, 4, frames=2, fps=8, duration=0), "duration"),
-    (VisionMeta(4, 4, frames=2, fps=float("inf"), duration=1), "fps"), (VisionMeta(4, 4, frames=2, fps=8), "both"),
-    (VisionMeta(4, 4, frames=2), "need an fps"), (VisionMeta(4.0, 4), "'h'"),
+    (VisionMeta(0, 4), "'h'"), (VisionMeta(4, -1), "'w'"), (VisionMeta(4.0, 4), "'h'"),
+    (VisionMeta(4, 4, frames=0, fps=8, duration=1), "frames"),
+    (VisionMeta(4, 4, frames=2, fps=0.0001, duration=1), "fps"),
+    (VisionMeta(4, 4, frames=2, fps=8, duration=0), "duration"),
+    (VisionMeta(4, 4, frames=2, fps=float("inf"), duration=1), "fps"),
+    (VisionMeta(4, 4, frames=2, fps=8), "both"), (VisionMeta(4, 4, frames=2), "need an fps"),
 ])
 def test_impossible_meta_is_not_written(meta, match):
     with pytest.raises(ValueError, match=match):
