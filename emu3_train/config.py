@@ -94,6 +94,11 @@ class LossConfig:
     z_loss: float = 0.0  # coefficient of the log-sum-exp^2 regularizer
     impl: str = "auto"  # fused CE implementation: auto | triton | reference
     chunk_size: int = 1024  # tokens per logits chunk in the reference implementation
+    # loss multiplier of every target of a document, by its task (t2i | i2t | text | video); e.g.
+    # {text: 0.0} trains a blend's text documents as context only. A document's loss_spans (its
+    # shard json) further limit which of its targets train (data.format).
+    task_weights: dict[str, float] = field(
+        default_factory=lambda: {"t2i": 1.0, "i2t": 1.0, "text": 1.0, "video": 1.0})
 
 
 @dataclass
@@ -133,6 +138,13 @@ class EvalConfig:
     samples_per_class: int = 10  # generated images per prompted class
     temperature: float = 0.8  # sampling temperature for generation
     top_k: int = 0  # 0 = no top-k filtering
+    # validation loss on held-out shards (emu3_train.validation): null = none. The same syntax as
+    # data.path + data.blend ("WEIGHT:DIR" relative to val_path); the rows are fixed by eval.val_seed
+    val_path: str | None = None
+    val_blend: list[str] = field(default_factory=list)
+    val_interval: int = 0  # steps between validations (0 = only after the last step)
+    val_rows: int = 16  # held-out packed rows of data.seq_len tokens, the same set at every validation
+    val_seed: int = 0  # which rows: the packing seed of the held-out stream
 
 
 @dataclass
@@ -233,7 +245,8 @@ RANGES: dict[str, Range] = {
     "checkpoint.interval": _AT_LEAST_0, "checkpoint.keep_last": _AT_LEAST_0,
     "checkpoint.keep_every": _AT_LEAST_0,
     "eval.samples_per_class": _AT_LEAST_1, "eval.temperature": _AT_LEAST_0,  # 0 = greedy
-    "eval.top_k": _AT_LEAST_0,
+    "eval.top_k": _AT_LEAST_0, "eval.val_interval": _AT_LEAST_0, "eval.val_rows": _AT_LEAST_1,
+    "eval.val_seed": _AT_LEAST_0,
     "sample.per_prompt": _AT_LEAST_1, "sample.height": _AT_LEAST_0, "sample.width": _AT_LEAST_0,
     "sample.temperature": _AT_LEAST_0, "sample.top_k": _AT_LEAST_0, "sample.seed": _AT_LEAST_0,
     "sample.max_caption_tokens": _AT_LEAST_1,
@@ -315,12 +328,21 @@ def validate(cfg: TrainConfig, world_size: int = 1, vocab_size: int | None = Non
     unknown = [task for task in d.tasks if task not in TASKS]
     if unknown:
         raise ConfigError(f"data.tasks has {unknown}; expected a subset of {list(TASKS)} ([] = all)")
+    bad = {k: v for k, v in cfg.loss.task_weights.items()
+           if k not in TASKS or not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0)}
+    if bad:
+        raise ConfigError(f"loss.task_weights has {bad}; expected weights >= 0 for tasks among {list(TASKS)}")
     from emu3_train.data.blend import parse_blend  # the blend syntax lives with the loader
 
     try:
         parse_blend(d.path, d.blend)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    if cfg.eval.val_path:
+        try:
+            parse_blend(cfg.eval.val_path, cfg.eval.val_blend)
+        except ValueError as e:
+            raise ConfigError(str(e).replace("data.blend", "eval.val_blend")) from e
     if m.hidden_size % m.num_heads:
         raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by "
                           f"model.num_heads={m.num_heads}")

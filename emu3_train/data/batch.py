@@ -11,7 +11,9 @@ labels           int64 [B, S]    ``tokens[b, t+1]`` when t+1 lies in the same pi
                                  (the last token of every piece, and all padding)
 loss_weight      float32 [B, S]  0 where labels == -100; visual-code target (``labels >=
                                  vocab.vision_start``) -> ``vision_weight``, or 0 in understanding
-                                 documents (task in ``format.UNDERSTANDING_TASKS``); else 1.0
+                                 documents (task in ``format.UNDERSTANDING_TASKS``); else 1.0;
+                                 times the document's task weight (``loss.task_weights``); 0 for a
+                                 target outside the document's ``loss_spans`` (below)
 position_ids     int64 [B, S]    0, 1, 2, ... restarting at every segment (pieces and padding)
 cu_seqlens       int32 [K+1]     segment boundaries over the flattened ``B*S`` tokens, row-major:
                                  ``cu_seqlens[0] == 0``, ``cu_seqlens[-1] == B*S``, K segments
@@ -23,6 +25,13 @@ num_tokens       int             non-padding tokens (``B*S - num_pad``)
 weight_sum       float           ``loss_weight.sum()`` (fp64), so the step's loss normalization
                                  never reads a device tensor back
 ===============  ==============  ==================================================================
+
+**Supervised spans.** A document with ``loss_spans`` (``data.format``: span ``[s, e)`` supervises
+the targets ``tokens[s:e]``) keeps weight only where the label is a token ``p`` of the document with
+``s <= p < e``: row position ``o + i`` of a piece ``[start, end)`` placed at ``o`` predicts
+document token ``start + i + 1``. Spans are in document coordinates, so every piece of a split
+document keeps exactly its part of them, and no span reaches into a neighbouring piece (the last
+token of a piece has no label).
 
 Tensors are CPU torch tensors (``parallel.step_plan.StepPlan.prepare`` moves a rank's part).
 """
@@ -48,11 +57,16 @@ def build_batch(
     seq_len: int,
     vocab: Vocab,
     vision_weight: float = 0.5,
+    *,
+    loss_spans: Mapping[int, np.ndarray] | None = None,
+    doc_weight: Mapping[int, float] | None = None,
 ) -> dict:
     """The batch dict (module docstring) of ``rows``.
 
     ``tokens[doc_id]``: the whole document's ids; ``understanding``: the doc ids whose visual
-    tokens are inputs only (weight 0 as targets).
+    tokens are inputs only (weight 0 as targets); ``loss_spans[doc_id]``: ``[k, 2]`` supervised
+    spans in document coordinates (absent or ``k == 0``: every target); ``doc_weight[doc_id]``:
+    the document's multiplier (its task weight; absent = 1.0).
     """
     if not rows:
         raise ValueError("a batch needs at least one row")
@@ -61,6 +75,7 @@ def build_batch(
     lab = np.full((b, s), IGNORE_INDEX, np.int64)
     pos = np.zeros((b, s), np.int64)
     und = np.zeros((b, s), bool)
+    scale = np.ones((b, s), np.float32)  # task weight x supervised-span mask, per label position
     bounds, num_docs, num_pad = [], 0, 0
     for r, row in enumerate(rows):
         o = 0
@@ -76,6 +91,11 @@ def build_batch(
             lab[r, o:o + n - 1] = ids[1:]
             pos[r, o:o + n] = np.arange(n)
             und[r, o:o + n] = piece.doc_id in understanding
+            if doc_weight is not None and piece.doc_id in doc_weight:
+                scale[r, o:o + n] = doc_weight[piece.doc_id]
+            spans = None if loss_spans is None else loss_spans.get(piece.doc_id)
+            if spans is not None and len(spans):
+                scale[r, o:o + n] *= _supervised(spans, len(doc))[piece.start + 1:piece.end + 1]
             bounds.append(r * s + o)
             num_docs += 1
             o += n
@@ -87,6 +107,7 @@ def build_batch(
     cu = np.array(bounds, np.int32)
     vision_target = lab >= vocab.vision_start
     weight = np.where(vision_target, np.where(und, 0.0, vision_weight), 1.0).astype(np.float32)
+    weight *= scale
     weight[lab == IGNORE_INDEX] = 0.0
     return {
         "tokens": torch.from_numpy(tok),
@@ -102,3 +123,12 @@ def build_batch(
         "weight_sum": float(weight.sum(dtype=np.float64)),
     }
 
+
+def _supervised(spans: np.ndarray, length: int) -> np.ndarray:
+    """float32 ``[length + 1]``: 1 at the document tokens inside ``spans``, else 0 (the extra last
+    entry, past the document, is 0: the last token of a piece has no target)."""
+    spans = np.asarray(spans, np.int64).reshape(-1, 2)
+    edge = np.zeros(length + 2, np.int64)
+    np.add.at(edge, np.minimum(spans[:, 0], length + 1), 1)
+    np.add.at(edge, np.minimum(spans[:, 1], length + 1), -1)
+    return (np.cumsum(edge[:-1]) > 0).astype(np.float32)

@@ -2,9 +2,17 @@
 
 A sample ``KEY`` is two tar members, written in this order by ``webdataset`` (sorted by suffix):
 
-- ``KEY.json``: UTF-8 JSON object ``{"task": "t2i"|"i2t"|"text"|"video", "source": str, ...extra}``
+- ``KEY.json``: UTF-8 JSON object ``{"task": "t2i"|"i2t"|"text"|"video", "source": str, ...extra}``,
+  optionally ``"loss_spans": [[start, end], ...]`` (below)
 - ``KEY.tokens.npy``: the document's token ids, ``np.save`` of an int32 1-D array
   (``allow_pickle=False``).
+
+**Supervised spans.** ``loss_spans`` lists ``[start, end)`` token ranges, sorted, non-overlapping,
+non-empty, within ``[0, len(tokens))``: span ``[s, e)`` supervises the *targets* ``tokens[s:e]``.
+The label of position ``p - 1`` is token ``p``, so the prediction of token ``p`` has a non-zero
+loss weight only if ``s <= p < e`` for some span (token 0 is never a target). Absent = every
+target weighted by its class (``data.batch``); an empty list is rejected (omit the field). A chat
+document supervises its answers: ``loss_spans = [[first answer token, EOS + 1], ...]``.
 
 ``KEY`` may not contain ``.`` (webdataset splits member names at the first dot), ``/`` or
 whitespace.
@@ -41,15 +49,48 @@ def check_key(key: str) -> str:
     return key
 
 
-def check_meta(meta: dict) -> dict:
-    """``meta`` if it has a known ``task`` and a string ``source``, else ``ValueError`` naming the field."""
+def check_loss_spans(spans, length: int | None = None) -> np.ndarray:
+    """``[k, 2]`` int64 of a valid ``loss_spans`` value (module docstring), else ``ValueError`` naming
+    the first bad span; ``length``: the document's token count (spans must end at or before it)."""
+    if isinstance(spans, (str, bytes)) or not isinstance(spans, (list, tuple, np.ndarray)) or not len(spans):
+        raise ValueError(f"field 'loss_spans' is {spans!r}; expected a non-empty list of [start, end) "
+                         "pairs (omit the field to supervise every target)")
+    out = []
+    for i, span in enumerate(spans):
+        if not (isinstance(span, (list, tuple, np.ndarray)) and len(span) == 2
+                and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in span)):
+            raise ValueError(f"field 'loss_spans'[{i}] is {span!r}; expected [start, end] integers")
+        s, e = int(span[0]), int(span[1])
+        if not 0 <= s < e:
+            raise ValueError(f"field 'loss_spans'[{i}] = [{s}, {e}) is empty or negative")
+        if length is not None and e > length:
+            raise ValueError(f"field 'loss_spans'[{i}] = [{s}, {e}) lies outside the document of "
+                             f"{length} tokens")
+        if out and s < out[-1][1]:
+            raise ValueError(f"field 'loss_spans'[{i}] = [{s}, {e}) overlaps or precedes "
+                             f"[{out[-1][0]}, {out[-1][1]}) (spans must be sorted and disjoint)")
+        out.append((s, e))
+    return np.array(out, np.int64).reshape(-1, 2)
+
+
+def check_meta(meta: dict, length: int | None = None) -> dict:
+    """``meta`` if it has a known ``task``, a string ``source`` and valid ``loss_spans`` (if any; within
+    ``length`` tokens when given), else ``ValueError`` naming the field."""
     if not isinstance(meta, dict):
         raise ValueError(f"metadata must be a JSON object, got {type(meta).__name__}")
     if meta.get("task") not in TASKS:
         raise ValueError(f"field 'task' is {meta.get('task')!r}; expected one of {list(TASKS)}")
     if not isinstance(meta.get("source"), str):
         raise ValueError(f"field 'source' is {meta.get('source')!r}; expected a string")
+    if "loss_spans" in meta:
+        check_loss_spans(meta["loss_spans"], length)
     return meta
+
+
+def loss_spans_of(meta: dict) -> np.ndarray:
+    """``[k, 2]`` int64 supervised spans of checked metadata (``[0, 2]`` when absent)."""
+    spans = meta.get("loss_spans")
+    return np.zeros((0, 2), np.int64) if spans is None else np.asarray(spans, np.int64).reshape(-1, 2)
 
 
 def encode_tokens(tokens) -> bytes:
@@ -66,7 +107,7 @@ def encode_tokens(tokens) -> bytes:
 
 def encode_sample(key: str, tokens, meta: dict) -> dict:
     """The dict ``webdataset.ShardWriter.write`` takes for one document: raw bytes per member suffix."""
-    check_meta(meta)
+    check_meta(meta, len(np.asarray(tokens)))
     return {
         "__key__": check_key(key),
         TOKENS_SUFFIX: encode_tokens(tokens),
@@ -85,13 +126,14 @@ def decode_tokens(data: bytes) -> np.ndarray:
     return arr
 
 
-def decode_meta(data: bytes) -> dict:
-    """The metadata dict from ``.json`` bytes, checked by :func:`check_meta`."""
+def decode_meta(data: bytes, length: int | None = None) -> dict:
+    """The metadata dict from ``.json`` bytes, checked by :func:`check_meta` (spans within
+    ``length`` tokens when given)."""
     try:
         meta = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"json payload is not valid UTF-8 JSON ({e})") from None
-    return check_meta(meta)
+    return check_meta(meta, length)
 
 
 def check_tokens(tokens: np.ndarray, vocab: Vocab) -> np.ndarray:

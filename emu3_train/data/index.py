@@ -3,13 +3,13 @@
 With it any rank plans packing from token counts and vision spans alone, and reads any sample
 by seeking to its byte offset (DESIGN.md §4, "Shard sample").
 
-Format (``FORMAT_VERSION`` 1): an ``np.savez`` zip of plain arrays, read with
-``allow_pickle=False``. N samples in tar order, M vision blocks in total:
+Format (``FORMAT_VERSION`` 2): an ``np.savez`` zip of plain arrays, read with
+``allow_pickle=False``. N samples in tar order, M vision blocks and L supervised spans in total:
 
 ============== =============== =================================================================
 array          dtype, shape    meaning
 ============== =============== =================================================================
-format_version int64 []        1
+format_version int64 []        2 (1: written before supervised spans; read as "no spans")
 vocab_name     unicode []      vocabulary preset the ids were checked against
 vocab_size     int64 []        its size (ids are in ``[0, vocab_size)``)
 shard_size     int64 []        byte size of the tar when indexed (a changed tar = stale index)
@@ -24,7 +24,13 @@ lengths        int64 [N]       token count of the document
 tasks          int8 [N]        index into ``format.TASKS``
 span_offsets   int64 [N+1]     sample i's vision blocks are ``spans[span_offsets[i]:span_offsets[i+1]]``
 spans          int64 [M, 2]    ``[start, end)`` token positions of each block (SOV .. EOV inclusive)
+loss_span_offsets int64 [N+1]  sample i's supervised spans are ``loss_spans[o[i]:o[i+1]]``
+loss_spans     int64 [L, 2]    ``[start, end)`` ``loss_spans`` of the json (``data.format``); a sample
+                               without any supervises every target
 ============== =============== =================================================================
+
+A version-1 index loads with no supervised spans; :meth:`stream.ShardSet.read` then refuses a
+sample whose json has ``loss_spans`` (reindex to use them).
 
 A shard is complete (``build_index``) when its end-of-archive marker follows the last sample and
 only zero bytes follow it; ``read_index`` checks, when a shard is opened, the size and that only
@@ -52,10 +58,12 @@ from emu3_train.data.format import (
     check_tokens,
     decode_meta,
     decode_tokens,
+    loss_spans_of,
 )
 from emu3_train.vocab import Vocab
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: no loss_spans arrays
 _ARRAYS = ("keys", "tokens_offset", "tokens_size", "meta_offset", "meta_size", "tokens_crc32",
            "meta_crc32", "lengths", "tasks")
 
@@ -97,6 +105,15 @@ class Index:
     tasks: np.ndarray
     span_offsets: np.ndarray
     spans: np.ndarray
+    loss_span_offsets: np.ndarray | None = None  # None: every sample [0]*(N+1) (version-1 index)
+    loss_span_data: np.ndarray | None = None
+    version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.loss_span_offsets is None:
+            self.loss_span_offsets = np.zeros(len(self.keys) + 1, np.int64)
+        if self.loss_span_data is None:
+            self.loss_span_data = np.zeros((0, 2), np.int64)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -104,6 +121,10 @@ class Index:
     def vision_spans(self, i: int) -> np.ndarray:
         """``[m, 2]`` ``[start, end)`` vision blocks of sample ``i``."""
         return self.spans[self.span_offsets[i]:self.span_offsets[i + 1]]
+
+    def loss_spans(self, i: int) -> np.ndarray:
+        """``[k, 2]`` ``[start, end)`` supervised spans of sample ``i`` (``[0, 2]``: every target)."""
+        return self.loss_span_data[self.loss_span_offsets[i]:self.loss_span_offsets[i + 1]]
 
     def describe(self, i: int) -> str:
         """``"path/shard.tar: sample 'key'"``, the prefix of every error about sample ``i``."""
@@ -144,6 +165,7 @@ def build_index(tar_path: str | os.PathLike, vocab: Vocab) -> Index:
         raise FileNotFoundError(f"shard not found: {tar_path}")
     rows: list[tuple] = []
     spans: list[np.ndarray] = []
+    supervised: list[np.ndarray] = []
     seen: set[str] = set()
 
     def finish(key: str, members: dict) -> None:
@@ -156,12 +178,13 @@ def build_index(tar_path: str | os.PathLike, vocab: Vocab) -> Index:
         try:
             tokens = decode_tokens(tok_data)
             doc_spans = check_tokens(tokens, vocab)
-            meta = decode_meta(meta_data)
+            meta = decode_meta(meta_data, len(tokens))
         except ValueError as e:
             raise ShardError(f"{where}: {e}") from None
         rows.append((key, tok_ti.offset_data, tok_ti.size, meta_ti.offset_data, meta_ti.size,
                      zlib.crc32(tok_data), zlib.crc32(meta_data), len(tokens), TASKS.index(meta["task"])))
         spans.append(doc_spans)
+        supervised.append(loss_spans_of(meta))
 
     try:
         with open(tar_path, "rb") as f:
@@ -202,6 +225,7 @@ def build_index(tar_path: str | os.PathLike, vocab: Vocab) -> Index:
         raise ShardError(f"{tar_path}: shard holds no samples")
     cols = list(zip(*rows))
     counts = np.array([len(s) for s in spans], np.int64)
+    loss_counts = np.array([len(s) for s in supervised], np.int64)
     return Index(
         path=tar_path, vocab_name=vocab.name, vocab_size=vocab.size,
         shard_size=tar_path.stat().st_size,
@@ -212,6 +236,8 @@ def build_index(tar_path: str | os.PathLike, vocab: Vocab) -> Index:
         lengths=np.array(cols[7], np.int64), tasks=np.array(cols[8], np.int8),
         span_offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
         spans=np.concatenate(spans).astype(np.int64).reshape(-1, 2),
+        loss_span_offsets=np.concatenate([[0], np.cumsum(loss_counts)]).astype(np.int64),
+        loss_span_data=np.concatenate(supervised).astype(np.int64).reshape(-1, 2),
     )
 
 
@@ -223,6 +249,7 @@ def write_index(index: Index, path: str | os.PathLike | None = None) -> Path:
         np.savez(f, format_version=np.int64(FORMAT_VERSION), vocab_name=np.array(index.vocab_name),
                  vocab_size=np.int64(index.vocab_size), shard_size=np.int64(index.shard_size),
                  span_offsets=index.span_offsets, spans=index.spans,
+                 loss_span_offsets=index.loss_span_offsets, loss_spans=index.loss_span_data,
                  **{name: getattr(index, name) for name in _ARRAYS})
     os.replace(tmp, path)
     return path
@@ -246,17 +273,22 @@ def load_index(tar_path: str | os.PathLike, vocab_name: str = "NAME") -> Index:
     except Exception as e:  # zipfile/numpy raise many types on a damaged file
         raise ShardError(f"{idx}: unreadable index ({e}); {hint}") from None
     version = int(data.get("format_version", -1))
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ShardError(f"{idx}: index format version {version}, expected {FORMAT_VERSION}; {hint}")
     try:
+        supervised = {} if version == 1 else {"loss_span_offsets": data["loss_span_offsets"],
+                                              "loss_span_data": data["loss_spans"]}
         index = Index(path=tar_path, vocab_name=str(data["vocab_name"]), vocab_size=int(data["vocab_size"]),
                       shard_size=int(data["shard_size"]), span_offsets=data["span_offsets"],
-                      spans=data["spans"], **{name: data[name] for name in _ARRAYS})
+                      spans=data["spans"], version=version, **supervised,
+                      **{name: data[name] for name in _ARRAYS})
     except KeyError as e:
         raise ShardError(f"{idx}: index lacks array {e}; {hint}") from None
     n = len(index.keys)
     if any(len(getattr(index, a)) != n for a in _ARRAYS) or len(index.span_offsets) != n + 1 \
-            or index.spans.shape != (int(index.span_offsets[-1]), 2):
+            or index.spans.shape != (int(index.span_offsets[-1]), 2) \
+            or len(index.loss_span_offsets) != n + 1 \
+            or index.loss_span_data.shape != (int(index.loss_span_offsets[-1]), 2):
         raise ShardError(f"{idx}: index arrays have inconsistent lengths; {hint}")
     return index
 

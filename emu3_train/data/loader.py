@@ -41,12 +41,13 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
 from emu3_train.data.batch import build_batch
+from emu3_train.data.format import TASKS
 from emu3_train.data.index import ShardError
 from emu3_train.data.packing import OVERSIZE_POLICIES, Piece
 from emu3_train.data.plan import RowStream, Seed
@@ -77,13 +78,16 @@ class PackedLoader:
         num_workers: background reader threads; 0 = read in the calling thread.
         prefetch: batches prepared ahead when ``num_workers > 0``.
         on_bad_sample: ``error`` or ``skip`` (module docstring).
+        task_weights: loss multiplier per document task (``loss.task_weights``; missing = 1.0).
+            The documents' ``loss_spans`` (from the index) are applied as ``data.batch`` says.
     """
 
     def __init__(self, shards: ShardSet | Sequence[ShardSet], seq_len: int, micro_batch_size: int,
                  dp_rank: int = 0, dp_size: int = 1, seed: int = 0, vision_weight: float = 0.5,
                  pack_window: int = 256, oversize_policy: str = "skip", *,
                  weights: Sequence[float] | None = None, shard_group: int = 0, num_workers: int = 0,
-                 prefetch: int = 2, on_bad_sample: str = "error", tasks: Sequence[str] = ()):
+                 prefetch: int = 2, on_bad_sample: str = "error", tasks: Sequence[str] = (),
+                 task_weights: Mapping[str, float] | None = None):
         for name, value in (("seq_len", seq_len), ("micro_batch_size", micro_batch_size),
                             ("dp_size", dp_size), ("pack_window", pack_window), ("prefetch", prefetch)):
             if not isinstance(value, (int, np.integer)) or value <= 0:
@@ -111,6 +115,10 @@ class PackedLoader:
         self.vision_weight, self.pack_window = float(vision_weight), int(pack_window)
         self.oversize_policy, self.on_bad_sample = oversize_policy, on_bad_sample
         self.weights, self.shard_group, self.tasks = weights, int(shard_group), sorted(tasks)
+        unknown = sorted(set(task_weights or {}) - set(TASKS))
+        if unknown:
+            raise ValueError(f"task_weights has tasks {unknown}; expected some of {list(TASKS)}")
+        self.task_weight = np.array([float((task_weights or {}).get(t, 1.0)) for t in TASKS], np.float64)
         self.stream = RowStream(self.sources, weights, self.seed, self.seq_len, self.pack_window,
                                 oversize_policy, self.shard_group, tasks)
         self.cursor = 0
@@ -140,7 +148,7 @@ class PackedLoader:
     # -- reading (worker threads, or the caller) --------------------------------------------------
     def _load(self, rows: list[list[Piece]]) -> tuple[dict, list[tuple[int, str]]]:
         """The batch of ``rows`` and the ``(doc_id, message)`` of each bad document left out."""
-        tokens, understanding, bad = {}, set(), []
+        tokens, understanding, bad, spans, doc_weight = {}, set(), [], {}, {}
         for d in sorted({p.doc_id for row in rows for p in row}):
             s, local = self.stream.locate(d)
             try:
@@ -150,11 +158,15 @@ class PackedLoader:
                     raise
                 bad.append((d, str(e)))
                 continue
-            if self.sources[s].understanding[local]:
+            src = self.sources[s]
+            if src.understanding[local]:
                 understanding.add(d)
+            spans[d] = src.loss_spans(local)
+            doc_weight[d] = float(self.task_weight[src.tasks[local]])
         if bad:
             rows = [[p for p in row if p.doc_id in tokens] for row in rows]
-        return build_batch(rows, tokens, understanding, self.seq_len, self.vocab, self.vision_weight), bad
+        return build_batch(rows, tokens, understanding, self.seq_len, self.vocab, self.vision_weight,
+                           loss_spans=spans, doc_weight=doc_weight), bad
 
     def _submit(self) -> None:
         rows = self._rank_rows(self._submitted)

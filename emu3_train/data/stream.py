@@ -22,8 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
-from emu3_train.data.format import TASKS, UNDERSTANDING_TASKS, check_tokens, decode_meta, decode_tokens
-from emu3_train.data.index import Index, ShardError, index_path, read_index
+from emu3_train.data.format import (
+    TASKS,
+    UNDERSTANDING_TASKS,
+    check_tokens,
+    decode_meta,
+    decode_tokens,
+    loss_spans_of,
+)
+from emu3_train.data.index import Index, ShardError, index_path, read_index, reindex_hint
 from emu3_train.vocab import Vocab
 
 BAD_SAMPLE_POLICIES = ("error", "skip")
@@ -50,6 +57,8 @@ class ShardSet:
         span_offsets: int64 ``[D+1]`` and spans: int64 ``[M, 2]``: doc d's ``[start, end)`` vision
             blocks are ``spans[span_offsets[d]:span_offsets[d+1]]``.
         max_block: int64 ``[D]`` length of the longest vision block (0 if none).
+        loss_span_offsets: int64 ``[D+1]`` and loss_span_data: int64 ``[L, 2]``: doc d's supervised
+            ``[start, end)`` spans (``loss_spans(d)``; none = every target, ``data.format``).
         shard_of / local_of: int64 ``[D]``: which shard, which sample in it.
         shard_offsets: int64 ``[num_shards + 1]``: shard i holds documents
             ``[shard_offsets[i], shard_offsets[i+1])``.
@@ -103,6 +112,9 @@ class ShardSet:
         block = self.spans[:, 1] - self.spans[:, 0]
         self.max_block = np.zeros(len(self.lengths), np.int64)
         np.maximum.at(self.max_block, np.repeat(np.arange(len(counts)), counts), block)
+        loss_counts = np.concatenate([np.diff(i.loss_span_offsets) for i in ix])
+        self.loss_span_offsets = np.concatenate([[0], np.cumsum(loss_counts)]).astype(np.int64)
+        self.loss_span_data = np.concatenate([i.loss_span_data for i in ix]).reshape(-1, 2)
         self._local = threading.local()  # .files: OrderedDict shard -> fd, per reading thread
         self._all_files: list[OrderedDict] = []
         self._lock = threading.Lock()
@@ -118,6 +130,10 @@ class ShardSet:
     def vision_spans(self, doc_id: int) -> np.ndarray:
         """``[m, 2]`` ``[start, end)`` vision blocks of document ``doc_id``."""
         return self.spans[self.span_offsets[doc_id]:self.span_offsets[doc_id + 1]]
+
+    def loss_spans(self, doc_id: int) -> np.ndarray:
+        """``[k, 2]`` ``[start, end)`` supervised spans of document ``doc_id`` (``[0, 2]``: every target)."""
+        return self.loss_span_data[self.loss_span_offsets[doc_id]:self.loss_span_offsets[doc_id + 1]]
 
     def describe(self, doc_id: int) -> str:
         """``"dir/shard.tar: sample 'key'"`` for error messages."""
@@ -171,7 +187,7 @@ class ShardSet:
         try:
             tokens = decode_tokens(tok)
             spans = check_tokens(tokens, self.vocab)
-            meta = decode_meta(meta)
+            meta = decode_meta(meta, len(tokens))
         except ValueError as e:
             raise ShardError(f"{where}: {e} (the shard changed after indexing?)") from None
         if len(tokens) != index.lengths[local]:
@@ -180,6 +196,10 @@ class ShardSet:
         if meta["task"] != TASKS[index.tasks[local]] or not np.array_equal(spans, index.vision_spans(local)):
             raise ShardError(f"{where}: task or vision blocks differ from the index; the shard changed "
                              "after indexing")
+        if not np.array_equal(loss_spans_of(meta), index.loss_spans(local)):
+            old = " (a version-1 index, written before loss_spans)" if index.version == 1 else ""
+            raise ShardError(f"{where}: loss_spans differ from the index{old}; "
+                             f"{reindex_hint(index.path, self.vocab.name)}")
         return tokens, meta
 
     def close(self) -> None:
