@@ -12,18 +12,23 @@ a note on stderr, when none does; an error when they disagree). Keys:
   PATH`` draws it as a PNG);
 - ``vocab_violations``: documents with an id outside the vocabulary (+ ``*_examples``);
 - ``malformed_vision_blocks``: documents whose blocks are broken: SOV without EOV, no SOT, meta
-  that is not ``h*w`` or that the rows contradict, rows without EOL, frames without EOF, visual
-  codes outside a block (+ examples);
+  that is neither image ``h*w`` nor video ``t*h*w {fps}fps {duration}s`` (``emu3_train.layout``)
+  or that the rows or frames contradict, rows without EOL, frames without EOF, visual codes
+  outside a block (+ examples);
+- ``video_blocks``, ``video_seconds``, ``video_fps``: vision blocks with video meta, the seconds
+  their meta adds up to, and how many blocks each frame rate has (``{"8": 120}``);
 - ``unreadable``: samples that do not decode, miss a member, or a shard cut short (+ examples);
 - ``checksum_mismatches``: samples whose CRC-32 differs from the ``.idx`` (training rejects them);
 - ``index_mismatches``: samples in the tar but not in its ``.idx`` (never trained on: e.g. appended
   into the end padding), listed but absent or elsewhere; an unreadable, stale or other-vocab ``.idx``;
 - ``shards_without_index``: shards whose ``.idx`` is missing or out of date (the trainer needs it);
-- with ``--seq-len N``, what the trainer's packing would give over the well-formed documents
-  (epoch 0 order of ``--seed``, windows of ``--pack-window``, oversize policy ``skip``): ``fill``
-  (token fraction of the rows), ``rows``, ``docs_per_row`` (pieces per row),
-  ``split_vision_blocks`` (blocks a piece boundary cuts: must be 0), ``skipped`` (documents with a
-  block longer than N), ``split_documents``.
+- with ``--seq-len N``, the rows the training loader would serve first over the well-formed
+  documents, planned by the loader's own ``RowStream`` (``inspect_packing``: ``--seed``,
+  ``--pack-window``, ``--shard-group``, ``--tasks`` as ``data.*``, oversize policy ``skip``): ``fill``
+  (token fraction of the rows: the loader's ``data/fill`` over them), ``rows``, ``docs_per_row``
+  (pieces per row), ``split_vision_blocks`` (blocks a piece boundary cuts: must be 0), ``skipped``
+  (documents dropped for a block longer than N, as the loader counts them), ``split_documents``
+  (cuts), ``epochs_planned``.
 
 ``--json`` prints exactly one JSON object with these keys on stdout. Exit code 0 when nothing is
 wrong, 1 when a problem was found, 2 when the directory cannot be inspected.
@@ -44,35 +49,37 @@ from pathlib import Path
 
 import numpy as np
 
-from emu3_train.data.format import META_SUFFIX, TOKENS_SUFFIX, check_tokens, decode_meta, decode_tokens
+from emu3_train.data.format import META_SUFFIX, TASKS, TOKENS_SUFFIX, check_tokens, decode_meta, decode_tokens
 from emu3_train.data.index import Index, ShardError, index_path, load_index, read_index
-from emu3_train.data.packing import pack_rows
-from emu3_train.layout import parse_vision_block, vision_spans
+from emu3_train.layout import VisionMeta, format_meta, parse_vision_block_meta, vision_spans
 from emu3_train.tokenizer import load_tokenizer
 from emu3_train.vocab import PRESETS, Vocab, get_vocab
 
 from ._cli import run_cli
 from .index_shards import index_is_current, read_shard  # emu3_train.data_pipelines (from data_pipelines/)
+from .inspect_packing import InspectedSource, packing_report
 
 PROBLEMS = ("vocab_violations", "malformed_vision_blocks", "unreadable", "checksum_mismatches",
             "index_mismatches")
 DEFAULT_VOCAB = "emu3"  # when neither --vocab nor any .idx names one
 
 
-def structure_problem(tokens: np.ndarray, vocab: Vocab, decode) -> tuple[str | None, np.ndarray]:
-    """``(what is wrong with the vision blocks or None, [m, 2] spans)``; ids outside the vocabulary
-    are left to the caller (only the blocks' structure is judged here)."""
+def structure_problem(tokens: np.ndarray, vocab: Vocab, decode) -> tuple[str | None, np.ndarray,
+                                                                          list[VisionMeta]]:
+    """``(what is wrong with the vision blocks or None, [m, 2] spans, each block's meta)``; ids
+    outside the vocabulary are left to the caller (only the blocks' structure is judged here)."""
     try:
         valid = vocab.first_invalid(tokens) < 0
         spans = check_tokens(tokens, vocab) if valid else vision_spans(tokens, vocab)
     except ValueError as e:
-        return str(e), np.zeros((0, 2), np.int64)
+        return str(e), np.zeros((0, 2), np.int64), []
+    metas = []
     for s, e in spans:
         try:
-            parse_vision_block(tokens[s:e], vocab, decode)
+            metas.append(parse_vision_block_meta(tokens[s:e], vocab, decode)[1])
         except ValueError as err:
-            return f"vision block [{s}, {e}): {err}", spans
-    return None, spans
+            return f"vision block [{s}, {e}): {err}", spans, metas
+    return None, spans, metas
 
 
 class Inspection:
@@ -88,7 +95,9 @@ class Inspection:
         self.lengths: list[int] = []
         self.counts = dict.fromkeys(PROBLEMS, 0)
         self.examples: dict[str, list[str]] = {p: [] for p in PROBLEMS}
-        self.packable: list[tuple[int, np.ndarray]] = []  # (length, spans) of well-formed documents
+        self.packable = InspectedSource()  # the well-formed documents, for the packing report
+        self.video_fps: Counter = Counter()  # video-meta blocks per frame rate (its meta text)
+        self.video_seconds = 0.0
 
     def problem(self, kind: str, message: str) -> None:
         self.counts[kind] += 1
@@ -123,11 +132,14 @@ class Inspection:
         if bad >= 0:
             self.problem("vocab_violations", f"{where}: token id {int(tokens[bad])} at position {bad} is "
                                              f"outside vocabulary {v.name!r} (size {v.size})")
-        malformed, spans = structure_problem(tokens, v, self.decode)
+        malformed, spans, metas = structure_problem(tokens, v, self.decode)
         if malformed is not None:
             self.problem("malformed_vision_blocks", f"{where}: {malformed}")
         if bad < 0 and malformed is None:
-            self.packable.append((n, spans))
+            self.packable.add(n, spans, task, where)
+            for m in (m for m in metas if m.is_video):
+                self.video_fps[format_meta(m).split(" ")[1].removesuffix("fps")] += 1
+                self.video_seconds += m.duration
 
     def report(self) -> dict:
         lengths = np.asarray(self.lengths, np.int64)
@@ -140,6 +152,8 @@ class Inspection:
                          "median": float(np.median(lengths)), "p99": float(np.percentile(lengths, 99)),
                          "max": int(lengths.max())} if len(lengths) else {}),
             "length_histogram": length_histogram(lengths),
+            "video_blocks": sum(self.video_fps.values()), "video_seconds": round(self.video_seconds, 3),
+            "video_fps": dict(sorted(self.video_fps.items(), key=lambda kv: float(kv[0]))),
         }
         for kind in PROBLEMS:
             out[kind] = self.counts[kind]
@@ -198,31 +212,6 @@ def length_histogram(lengths: np.ndarray) -> dict:
     return {"edges": edges.tolist(), "counts": counts.tolist()}
 
 
-def packing_report(packable: list[tuple[int, np.ndarray]], seq_len: int, pack_window: int, seed: int) -> dict:
-    """What ``pack_rows`` makes of the documents, in the loader's epoch-0 order and windows."""
-    lengths = np.array([n for n, _ in packable], np.int64)
-    spans = [s for _, s in packable]
-    order = np.random.default_rng([seed, 0]).permutation(len(lengths))
-    rows = pieces = placed = skipped = split_docs = 0
-    cut_blocks: set[tuple[int, int]] = set()
-    for w in range(0, len(order), pack_window):
-        result = pack_rows(order[w:w + pack_window], lengths, spans.__getitem__, seq_len, "skip")
-        rows += len(result.rows)
-        skipped += len(result.skipped)
-        split_docs += result.num_split
-        for row in result.rows:
-            pieces += len(row)
-            for piece in row:
-                placed += piece.length
-                doc_spans = spans[piece.doc_id]
-                for b, (s, e) in enumerate(doc_spans):
-                    if s < piece.start < e or s < piece.end < e:
-                        cut_blocks.add((piece.doc_id, b))
-    return {"seq_len": seq_len, "fill": placed / (rows * seq_len) if rows else 0.0, "rows": rows,
-            "docs_per_row": pieces / rows if rows else 0.0, "split_vision_blocks": len(cut_blocks),
-            "skipped": skipped, "split_documents": split_docs}
-
-
 def draw_histogram(hist: dict, path: Path, title: str) -> Path:
     """A bar chart PNG of ``length_histogram`` (drawn with PIL: no plotting dependency)."""
     from PIL import Image, ImageDraw, ImageFont
@@ -255,9 +244,9 @@ def draw_histogram(hist: dict, path: Path, title: str) -> Path:
 
 
 def inspect_shards(shard_dir: Path, vocab: Vocab | str | None = None, max_examples: int = 5,
-                   progress: bool = False) -> tuple[dict, list]:
-    """``(report, packable)``: the statistics of every shard in ``shard_dir`` and the ``(length, spans)``
-    of its well-formed documents. ``vocab`` None: the one the shards' indexes record."""
+                   progress: bool = False) -> tuple[dict, InspectedSource]:
+    """``(report, packable)``: the statistics of every shard in ``shard_dir`` and its well-formed
+    documents (for ``inspect_packing.packing_report``). ``vocab`` None: the one the indexes record."""
     if not shard_dir.is_dir():
         raise FileNotFoundError(f"shard directory not found: {shard_dir}")
     tars = sorted(shard_dir.glob("*.tar"))
@@ -304,6 +293,7 @@ def inspect_shards(shard_dir: Path, vocab: Vocab | str | None = None, max_exampl
                 except (ShardError, OSError) as e:
                     ins.problem("index_mismatches", str(e))
         without_index += not index_is_current(tar, vocab)
+        ins.packable.end_shard()
     report = {"shards": len(tars), "vocab": vocab.name, "vocab_source": source, **ins.report(),
               "shards_without_index": without_index}
     return report, ins.packable
@@ -320,6 +310,9 @@ def _text_report(r: dict, shard_dir: Path) -> str:
               for t, n in r["tokens_by_task"].items()]
     lines.append("tokens by modality: " + ", ".join(f"{m} {share(n, r['tokens'])}"
                                                     for m, n in r["tokens_by_modality"].items()))
+    if r["video_blocks"]:
+        lines.append(f"video: {r['video_blocks']:,} blocks, {r['video_seconds']:,.1f} s, by fps "
+                     + ", ".join(f"{fps}: {n:,}" for fps, n in r["video_fps"].items()))
     if r["lengths"]:
         lines.append("lengths: " + ", ".join(f"{k} {v:,.0f}" for k, v in r["lengths"].items()))
     for kind in PROBLEMS:
@@ -328,7 +321,8 @@ def _text_report(r: dict, shard_dir: Path) -> str:
     if "seq_len" in r:
         lines.append(f"packing at seq_len {r['seq_len']:,}: fill {r['fill']:.3f}, rows {r['rows']:,}, "
                      f"docs/row {r['docs_per_row']:.2f}, split vision blocks {r['split_vision_blocks']}, "
-                     f"skipped {r['skipped']:,}, split documents {r['split_documents']:,}")
+                     f"skipped {r['skipped']:,}, split documents {r['split_documents']:,} "
+                     f"({r['epochs_planned']:.2f} epochs planned)")
     if "histogram" in r:
         lines.append(f"length histogram: {r['histogram']}")
     return "\n".join(lines)
@@ -348,21 +342,29 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"vocabulary preset (default: what the .idx files record, else {DEFAULT_VOCAB})")
     parser.add_argument("--seq-len", type=int, default=None, help="also report packing into rows of N tokens")
     parser.add_argument("--pack-window", type=int, default=256,
-                        help="documents packed together (default 256)")
-    parser.add_argument("--seed", type=int, default=0, help="data order seed for --seq-len (default 0)")
+                        help="documents packed together (data.pack_window, default 256)")
+    parser.add_argument("--seed", type=int, default=0, help="data order seed (data.seed, default 0)")
+    parser.add_argument("--shard-group", type=int, default=0,
+                        help="shards shuffled together per epoch (data.shard_group, default 0 = all)")
+    parser.add_argument("--tasks", default="", metavar="T1,T2",
+                        help="tasks the run trains on (data.tasks, e.g. t2i,i2t; default all)")
     parser.add_argument("--histogram", type=Path, default=None, metavar="PNG",
                         help="draw the length histogram")
     parser.add_argument("--examples", type=int, default=5, help="examples kept per problem (default 5)")
     parser.add_argument("--json", action="store_true", help="print one JSON object, nothing else, on stdout")
     args = parser.parse_args(argv)
-    if args.seq_len is not None and args.seq_len <= 0 or args.pack_window <= 0:
-        parser.error("--seq-len and --pack-window must be positive")
+    if args.seq_len is not None and args.seq_len <= 0 or args.pack_window <= 0 or args.shard_group < 0:
+        parser.error("--seq-len and --pack-window must be positive, --shard-group >= 0")
+    tasks = [t for t in args.tasks.split(",") if t]
+    if sorted(set(tasks) - set(TASKS)):
+        parser.error(f"--tasks {args.tasks!r}: each task must be one of {', '.join(TASKS)}")
     report, packable = inspect_shards(args.dir, args.vocab, args.examples, progress=True)
     if report["vocab_source"] == "default":
         print(f"note: no --vocab and no .idx in {args.dir} records a vocabulary; inspecting with "
               f"--vocab {DEFAULT_VOCAB}", file=sys.stderr)
     if args.seq_len is not None:
-        report.update(packing_report(packable, args.seq_len, args.pack_window, args.seed))
+        report.update(packing_report(packable, args.seq_len, args.pack_window, args.seed, args.shard_group,
+                                     tasks))
     if args.histogram is not None:
         title = f"{args.dir}: {report['documents']:,} documents, {report['tokens']:,} tokens"
         report["histogram"] = str(draw_histogram(report["length_histogram"], args.histogram, title))

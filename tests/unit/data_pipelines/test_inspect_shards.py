@@ -8,16 +8,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from emu3_train.data.packing import PackResult, Piece, pack_rows
-from emu3_train.layout import vision_spans
+from emu3_train.data.loader import PackedLoader
+from emu3_train.data.packing import Piece
+from emu3_train.data.stream import ShardSet
+from emu3_train.layout import i2t_document, t2i_document, text_document, vision_block
+from emu3_train.tokenizer import load_tokenizer
 from emu3_train.vocab import get_vocab
 
 # isort: split
-from emu3_train.data_pipelines import inspect_shards as inspect_mod  # installed from data_pipelines/
+from emu3_train.data_pipelines.inspect_packing import cut_blocks  # installed from data_pipelines/
 from emu3_train.data_pipelines.inspect_shards import cli, main
 from emu3_train.data_pipelines.write_shards import write_shards
 
 VOCAB = get_vocab("demo")
+TOK = load_tokenizer(VOCAB)
 
 
 def run_json(capsys, *args) -> tuple[int, dict]:
@@ -43,33 +47,71 @@ def test_counts_by_task_and_modality(tmp_path, good_docs, capsys):
     assert sum(r["length_histogram"]["counts"]) == 6
 
 
-def test_packing_matches_pack_rows_and_never_splits_a_block(tmp_path, good_docs, capsys):
-    write_shards(good_docs, tmp_path, VOCAB)
-    lengths = np.array([len(d["tokens"]) for d in good_docs])
-    spans = [vision_spans(np.array(d["tokens"]), VOCAB) for d in good_docs]
-    longest = max(int((s[:, 1] - s[:, 0]).max()) for s in spans if len(s))
-    seq_len = longest  # every block fits, the longer documents split around them
-    code, r = run_json(capsys, tmp_path, "--seq-len", seq_len)
-    assert code == 0 and r["seq_len"] == seq_len
-    order = np.random.default_rng([0, 0]).permutation(6)
-    plan = pack_rows(order, lengths, spans.__getitem__, seq_len)
-    assert r["rows"] == len(plan.rows) and r["skipped"] == 0 and r["split_vision_blocks"] == 0
-    assert r["fill"] == pytest.approx(lengths.sum() / (len(plan.rows) * seq_len))
-    assert r["docs_per_row"] == pytest.approx(sum(map(len, plan.rows)) / len(plan.rows))
-    assert r["split_documents"] == plan.num_split > 0
-    _, r = run_json(capsys, tmp_path, "--seq-len", longest - 1)  # the video block no longer fits
-    assert r["skipped"] >= 1
+def mixed_docs(n: int, seed: int = 0) -> list[dict]:
+    """``n`` documents of every task and many lengths: t2i/i2t images of 1x1 to 6x6 codes, text of
+    4..120 bytes, videos with video meta (one of them longer than a 96-token row)."""
+    rng = np.random.default_rng(seed)
+    enc = TOK.encode
+    codes = lambda *shape: rng.integers(0, VOCAB.codebook_size, shape)  # noqa: E731
+    docs = []
+    for i in range(n):
+        kind = ("t2i", "i2t", "text", "video")[i % 4]
+        caption = enc("x" * int(rng.integers(1, 12)))
+        if kind == "t2i":
+            tokens = t2i_document(VOCAB, caption, codes(*rng.integers(1, 7, 2)), enc)
+        elif kind == "i2t":
+            tokens = i2t_document(VOCAB, caption, codes(*rng.integers(1, 7, 2)), enc)
+        elif kind == "text":
+            tokens = text_document(VOCAB, enc("t" * int(rng.integers(4, 120))))
+        else:
+            t = 12 if i == 3 else int(rng.integers(1, 3))  # document 3's block does not fit 96 tokens
+            tokens = [VOCAB.bos, *caption, *vision_block(VOCAB, codes(t, 2, 3), enc, fps=8, duration=t / 2),
+                      VOCAB.eos]
+        docs.append({"tokens": tokens, "task": kind, "source": "mixed"})
+    return docs
 
 
-def test_a_piece_boundary_inside_a_block_is_counted(monkeypatch):
-    spans = np.array([[2, 10]])
+@pytest.mark.parametrize("flags, loader_args", [
+    ([], {}),
+    (["--pack-window", 8, "--seed", 3, "--shard-group", 2], {"pack_window": 8, "seed": 3, "shard_group": 2}),
+    (["--pack-window", 8, "--tasks", "t2i,text"], {"pack_window": 8, "tasks": ["t2i", "text"]}),
+])
+def test_packing_report_is_what_the_loader_serves(tmp_path, capsys, flags, loader_args):
+    write_shards(mixed_docs(45), tmp_path, VOCAB, max_count=7)  # 7 shards
+    code, r = run_json(capsys, tmp_path, "--seq-len", 96, *flags)
+    assert code == 0 and r["seq_len"] == 96 and r["rows"] > 0 and r["split_vision_blocks"] == 0
+    loader = PackedLoader(ShardSet(tmp_path, VOCAB), seq_len=96, micro_batch_size=1, **loader_args)
+    served = [next(loader) for _ in range(r["rows"])]
+    stats = loader.stats()
+    assert r["fill"] == pytest.approx(stats["fill"], rel=1e-12)  # the loader's data/fill over those rows
+    assert r["docs_per_row"] == pytest.approx(stats["docs_per_row"], rel=1e-12)
+    assert (r["skipped"], r["split_documents"]) == (stats["skipped_oversize"], stats["split"])
+    assert r["fill"] == pytest.approx(sum(b["num_tokens"] for b in served) / (96 * len(served)))
+    if "tasks" not in loader_args:
+        assert r["skipped"] >= 1  # document 3's video block is longer than a row
+    window = loader_args.get("pack_window", 256)  # the first window that starts in epoch 1 is not in it
+    assert r["epochs_planned"] == pytest.approx(loader.stream.seed_at(r["rows"]).sources[0][1] / 45
+                                                + loader.stream.seed_at(r["rows"]).sources[0][0])
+    assert r["epochs_planned"] >= 1 and (window > 45 or r["epochs_planned"] < 1 + window / 45)
 
-    def bad_pack(doc_ids, lengths, vision_spans, seq_len, policy):
-        return PackResult(rows=[[Piece(0, 0, 5)], [Piece(0, 5, 12)]])
 
-    monkeypatch.setattr(inspect_mod, "pack_rows", bad_pack)
-    r = inspect_mod.packing_report([(12, spans)], seq_len=8, pack_window=4, seed=0)
-    assert r["split_vision_blocks"] == 1
+def test_a_piece_boundary_inside_a_block_is_counted():
+    spans = {0: np.array([[2, 10]]), 1: np.zeros((0, 2), np.int64)}
+    assert cut_blocks([[Piece(0, 0, 5)], [Piece(0, 5, 12)]], spans.__getitem__) == 1
+    assert cut_blocks([[Piece(0, 0, 10)], [Piece(0, 10, 12), Piece(1, 0, 3)]], spans.__getitem__) == 0
+
+
+def test_video_meta_is_accepted_and_summed(tmp_path, capsys):
+    docs = [d for d in mixed_docs(12) if d["task"] == "video"]  # 3 videos: 12, then 1-2 code frames
+    ntsc_fps = 30000 / 1001
+    ntsc = vision_block(VOCAB, np.ones((2, 2, 2), int), TOK.encode, fps=ntsc_fps, duration=8 / ntsc_fps)
+    docs.append({"tokens": [VOCAB.bos, *ntsc, VOCAB.eos], "task": "video", "source": "ntsc"})
+    write_shards(docs, tmp_path, VOCAB)
+    code, r = run_json(capsys, tmp_path)
+    assert code == 0 and r["malformed_vision_blocks"] == 0
+    frames = [d["tokens"].count(VOCAB.eof) for d in docs[:3]]  # code frames; duration = frames / 2
+    assert r["video_blocks"] == 4 and r["video_fps"] == {"8": 3, "29.97": 1}
+    assert r["video_seconds"] == pytest.approx(sum(frames) / 2 + 0.267)
 
 
 def test_problems_are_reported_not_raised(tmp_path, good_docs, bad_docs, make_tar, capsys):
