@@ -16,8 +16,11 @@ dropout; varlen has no CP core):
 
     core.forward(q [B, S, Hq, D], k [B, S, Hkv, D], v [B, S, Hkv, D], docs) -> [B, S, Hq, D]
 
-``docs`` is a :class:`DocumentLayout`, built once per decoder forward and shared by every layer;
-it caches what the cores derive from it (dense mask, BlockMask, varlen segments).
+``docs`` is a :class:`~emu3_train.model.documents.Documents`, built once per decoder forward and
+shared by every layer; it caches what the cores derive from it (dense mask, BlockMask, varlen
+segments). With a KV cache (generation) the core is bypassed: the layer's
+:class:`~emu3_train.model.kv_cache.LayerCache` stores the new K/V and attends with SDPA over the
+cached prefix (``model/kv_cache.py``).
 """
 
 from __future__ import annotations
@@ -27,72 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from emu3_train.config import CHOICES, ConfigError, ModelConfig
-from emu3_train.model.flex import FlexCore, document_block_mask
+from emu3_train.model.documents import Documents
+from emu3_train.model.flex import FlexCore
 from emu3_train.model.rope import apply_rope
-from emu3_train.model.varlen import HALF_DTYPES, VarlenCore, row_segments, varlen_available
+from emu3_train.model.varlen import HALF_DTYPES, VarlenCore, varlen_available
 
-
-class DocumentLayout:
-    """Which document each token of a packed [B, S] batch belongs to.
-
-    Built from ``cu_seqlens`` (int, [D + 1]): document boundaries over the flattened B*S tokens,
-    starting at 0 and ending at B*S; each row's padding is its own segment. Attention is
-    restricted to row r and document d and is causal; a row end always ends a document, even if
-    ``cu_seqlens`` does not list it, because the mask never crosses rows.
-
-    Attributes:
-        cu_seqlens: the boundaries as given, [D + 1].
-        doc_ids: int64 [B, S], index of each token's segment in ``cu_seqlens``.
-        position_ids: int64 [B, S], token position within its document.
-    """
-
-    def __init__(self, cu_seqlens: torch.Tensor, position_ids: torch.Tensor):
-        if position_ids.dim() != 2:
-            raise ValueError(f"position_ids must be [B, S], got shape {tuple(position_ids.shape)}")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
-            raise ValueError(f"cu_seqlens must be an integer [D + 1] tensor, got {cu_seqlens.dtype} "
-                             f"of shape {tuple(cu_seqlens.shape)}")
-        batch, seq = position_ids.shape
-        # Asserted without a host sync on GPU; raises at once on CPU.
-        torch._assert_async(cu_seqlens[0] == 0, "cu_seqlens must start at 0")
-        torch._assert_async(cu_seqlens[-1] == batch * seq, "cu_seqlens must end at B * S")
-        flat = torch.arange(batch * seq, device=cu_seqlens.device)
-        bounds = cu_seqlens[1:].to(torch.int64)
-        self.cu_seqlens = cu_seqlens
-        self.doc_ids = torch.searchsorted(bounds, flat, right=True).view(batch, seq)
-        self.position_ids = position_ids
-        self._mask: torch.Tensor | None = None
-        self._block_masks: dict = {}  # flex BlockMask per block size
-        self._segments: tuple[torch.Tensor, int] | None = None
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(B, S) of the batch."""
-        return tuple(self.doc_ids.shape)
-
-    def causal_mask(self) -> torch.Tensor:
-        """bool [B, 1, S, S], True where query i may attend key j (same document, j <= i).
-
-        Computed on first use and cached, so cores that do not need a dense mask never build it.
-        """
-        if self._mask is None:
-            seq = self.doc_ids.shape[1]
-            same_doc = self.doc_ids[:, :, None] == self.doc_ids[:, None, :]
-            causal = torch.ones(seq, seq, dtype=torch.bool, device=self.doc_ids.device).tril()
-            self._mask = (same_doc & causal).unsqueeze(1)
-        return self._mask
-
-    def block_mask(self, block_size: int):
-        """The same mask as a flex ``BlockMask`` of ``block_size``-token blocks (cached)."""
-        if block_size not in self._block_masks:
-            self._block_masks[block_size] = document_block_mask(self.doc_ids, block_size)
-        return self._block_masks[block_size]
-
-    def varlen_segments(self) -> tuple[torch.Tensor, int]:
-        """(cu_seqlens int32 [N + 1] with every row end included, longest segment in tokens), cached."""
-        if self._segments is None:
-            self._segments = row_segments(self.cu_seqlens, *self.shape)
-        return self._segments
+DocumentLayout = Documents.packed  # the single-process layout of a packed batch (its old name)
 
 
 def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
@@ -126,7 +69,7 @@ class SdpaCore(nn.Module):
         self.dropout = dropout
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: DocumentLayout
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Documents
     ) -> torch.Tensor:
         """q [B, S, Hq, D], k/v [B, S, Hkv, D] (Hkv divides Hq) -> [B, S, Hq, D]."""
         return masked_sdpa(q, k, v, docs.causal_mask(), self.dropout if self.training else 0.0)
@@ -159,7 +102,7 @@ class AutoCore(nn.Module):
         self.varlen = VarlenCore()
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: DocumentLayout
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Documents
     ) -> torch.Tensor:
         impl = choose_attn_impl(q.device, q.dtype, self.training and self.dropout > 0)
         return getattr(self, impl)(q, k, v, docs)
@@ -212,13 +155,15 @@ class Attention(nn.Module):
         self.core = core if core is not None else build_attention_core(cfg)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], docs: DocumentLayout
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], docs: Documents, kv=None
     ) -> torch.Tensor:
-        """x [B, S, H], rope = (cos, sin) [B, S, D] -> [B, S, H]."""
+        """x [B, S, H], rope = (cos, sin) [B, S, D] -> [B, S, H]. ``kv``: this layer's
+        ``LayerCache`` (generation): the new keys/values are cached and the queries attend to the
+        cached prefix; the heads are the local ones under tensor parallelism."""
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, -1, self.head_dim)
         k = self.k_proj(x).view(b, s, -1, self.head_dim)
         v = self.v_proj(x).view(b, s, -1, self.head_dim)
         q, k = apply_rope(q, k, *rope)
-        out = self.core(q, k, v, docs)
+        out = self.core(q, k, v, docs) if kv is None else kv.attend(q, k, v, docs)
         return self.o_proj(out.reshape(b, s, -1))

@@ -25,7 +25,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from emu3_train.config import CHOICES, ConfigError, ModelConfig
-from emu3_train.model.attention import Attention, DocumentLayout
+from emu3_train.model.attention import Attention
+from emu3_train.model.documents import Documents
+from emu3_train.model.kv_cache import KVCache
 from emu3_train.model.recompute import selective_checkpoint_context
 from emu3_train.model.rope import rope_cos_sin
 
@@ -74,15 +76,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.dropout = nn.Dropout(cfg.attention_dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, docs: DocumentLayout):
-        """x [B, S, H], cos/sin [B, S, D] -> [B, S, H]."""
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), (cos, sin), docs))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, docs: Documents, kv=None):
+        """x [B, S, H], cos/sin [B, S, D] -> [B, S, H]; ``kv``: this layer's KV cache (generation)."""
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), (cos, sin), docs, kv))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
 def document_layout(
     cu_seqlens: torch.Tensor, position_ids: torch.Tensor, token_index: torch.Tensor | None = None
-) -> DocumentLayout:
+) -> Documents:
     """The single-process layout of a whole batch (what plain attention cores take).
 
     ``token_index`` marks a context-parallel shard; only a context-parallel attention core (which
@@ -92,7 +94,7 @@ def document_layout(
     if token_index is not None:
         raise ValueError("token_index marks a context-parallel shard, but this model has no "
                          "context-parallel layout: apply parallel.context_parallel.apply_cp first")
-    return DocumentLayout(cu_seqlens, position_ids)
+    return Documents.packed(cu_seqlens, position_ids)
 
 
 class Decoder(nn.Module):
@@ -110,6 +112,7 @@ class Decoder(nn.Module):
         self.rope_theta = cfg.rope_theta
         self.head_dim = cfg.hidden_size // cfg.num_heads
         self.init_std = cfg.init_std
+        self.max_positions = cfg.max_position_embeddings  # generation refuses longer sequences
         self.embed_tokens = nn.Embedding(vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -129,29 +132,45 @@ class Decoder(nn.Module):
     def forward(
         self,
         tokens: torch.Tensor,
-        position_ids: torch.Tensor,
-        cu_seqlens: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None,
         token_index: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         """tokens, position_ids int64 [B, S]; cu_seqlens int32 [D + 1] over the flattened B*S
-        tokens (see :class:`DocumentLayout`) -> hidden [B, S, H] after the final norm.
+        tokens (see :meth:`Documents.packed`) -> hidden [B, S, H] after the final norm.
 
         Under context parallelism the inputs are this rank's shard ([B, S / cp]), ``cu_seqlens``
         still describes the whole batch, and ``token_index`` int64 [B, S / cp] gives each local
         token's index among the flattened global B*S tokens (``context_parallel.shard_batch``).
+
+        With a ``cache`` (:class:`~emu3_train.model.kv_cache.KVCache`, generation) ``tokens`` are
+        the next S tokens of each cached sequence, ``position_ids`` and ``cu_seqlens`` must be None
+        (the cache knows both), attention runs over the cached prefix (SDPA, whatever the core)
+        and the cache advances by S.
         """
-        if tokens.shape != position_ids.shape:
-            raise ValueError(f"tokens {tuple(tokens.shape)} and position_ids "
-                             f"{tuple(position_ids.shape)} must have the same [B, S] shape")
-        docs = self.layout(cu_seqlens, position_ids, token_index)
+        if cache is not None:
+            if position_ids is not None or cu_seqlens is not None or token_index is not None:
+                raise ValueError("with a KV cache, pass position_ids=None and cu_seqlens=None: the "
+                                 "cache's slots give the positions and the mask")
+            docs = cache.documents(tokens.shape[1])
+            position_ids = docs.position_ids
+        else:
+            if position_ids is None or tokens.shape != position_ids.shape:
+                raise ValueError(f"tokens {tuple(tokens.shape)} and position_ids "
+                                 f"{None if position_ids is None else tuple(position_ids.shape)} must "
+                                 "have the same [B, S] shape")
+            docs = self.layout(cu_seqlens, position_ids, token_index)
         x = self.embed_tokens(tokens)
         cos, sin = rope_cos_sin(position_ids, self.head_dim, self.rope_theta, dtype=x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, docs)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, docs) if cache is None else layer(x, cos, sin, docs, cache.layers[i])
+        if cache is not None:
+            cache.advance(tokens.shape[1])
         return self.norm(x)
 
     def layout(self, cu_seqlens: torch.Tensor, position_ids: torch.Tensor,
-               token_index: torch.Tensor | None = None) -> DocumentLayout:
+               token_index: torch.Tensor | None = None) -> Documents:
         """The ``docs`` every attention core of this forward receives, built once: the attention
         cores say which layout they take (a context-parallel core's ``layout`` knows its group and
         the shard's global token indices); plain cores take :func:`document_layout`'s."""
@@ -180,12 +199,13 @@ class Emu3CausalLM(nn.Module):
     def forward(
         self,
         tokens: torch.Tensor,
-        position_ids: torch.Tensor,
-        cu_seqlens: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None,
         token_index: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Same as :meth:`Decoder.forward`: -> hidden [B, S, H]."""
-        return self.model(tokens, position_ids, cu_seqlens, token_index)
+        return self.model(tokens, position_ids, cu_seqlens, token_index, cache=cache)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., H] -> logits [..., V] (for sampling and evaluation)."""

@@ -1,13 +1,15 @@
 """FlexAttention core: document-causal attention over packed rows as a block-sparse kernel.
 
-The BlockMask is derived from the layout's per-token document ids at the cost of
+The BlockMask is derived from the layout's per-token indices and document ids at the cost of
 O(B * (S / block)^2) small integer ops (no [S, S] mask, no compile), once per decoder forward
-(:meth:`DocumentLayout.block_mask` caches it for every layer). ``flex_attention`` is compiled once
+(:meth:`Documents.block_mask` caches it for every layer); the context-parallel cores use the same
+function over their local queries and the row's keys. ``flex_attention`` is compiled once
 per process (``dynamic=False``: one graph per row length).
 
 Where it runs (torch 2.13): forward and backward on CUDA; forward only on CPU (compiled, no
 backward), so on CPU it serves inference and the parity tests, never training. It has no attention
-dropout. Under context parallelism the allgather CP core has its own flex path (``parallel/cp_attention.py``).
+dropout. Under context parallelism the allgather CP core calls :func:`flex_attend` with its
+shard's :class:`~emu3_train.model.documents.Documents` (``parallel/cp_attention.py``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 if TYPE_CHECKING:
-    from emu3_train.model.attention import DocumentLayout
+    from emu3_train.model.documents import Documents
 
 BLOCK_SIZE = 128  # flex's default sparse block (tokens)
 CPU_MIN_BLOCK = 128  # smaller blocks make torch 2.13's compiled CPU flex kernel read garbage
@@ -48,36 +50,54 @@ def ordered_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return counts.unsqueeze(1), order.to(torch.int32).unsqueeze(1)
 
 
-def document_block_mask(doc_ids: torch.Tensor, block_size: int = BLOCK_SIZE) -> BlockMask:
-    """The document-causal BlockMask of doc_ids int64 [B, S] (non-decreasing along each row).
+def _block_ranges(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, L] -> (min, max) over each ``block``-long slice, [B, ceil(L / block)] (tail: its own)."""
+    pad = -x.shape[1] % block
+    if pad:
+        x = torch.cat([x, x[:, -1:].expand(x.shape[0], pad)], dim=1)
+    x = x.view(x.shape[0], -1, block)
+    return x.amin(-1), x.amax(-1)
 
-    Query i may attend key j iff j <= i and both are in the same document, as
-    :meth:`DocumentLayout.causal_mask`. Per (query block, key block): *full* when the key block is
-    earlier and both blocks lie in one document, *partial* (mask evaluated per token) on the
-    diagonal and where an earlier key block's last document is the query block's first. A tail
-    block shorter than ``block_size`` is never full, as in ``create_block_mask``.
+
+def document_block_mask(q_index, q_docs, k_index, k_docs, block_size: int = BLOCK_SIZE) -> BlockMask:
+    """The mask of :func:`~emu3_train.model.documents.document_causal_mask` (query i may attend key
+    j iff same document and ``k_index[j] <= q_index[i]``; int64 [B, Sq] and [B, Sk] vectors) as a
+    flex BlockMask, Q_LEN = Sq, KV_LEN = Sk, in O(B * Sq * Sk / block^2) integer ops, no dense mask.
+
+    Per (query block, key block): *full* when every key's index is at most every query's and all
+    of them share one document; *partial* (mask_mod evaluated per token) when the ranges allow
+    some pair (earliest key index <= latest query index, document ranges overlap); else skipped.
+    Exact for blocks of consecutive indices with non-decreasing documents (a packed batch; the CP
+    cores' shards when the row chunk length is a multiple of ``block_size``), a superset
+    otherwise. Tail blocks are never full, as in ``create_block_mask``.
     """
-    batch, seq = doc_ids.shape
-    n = -(-seq // block_size)
-    ends = torch.clamp(torch.arange(n, device=doc_ids.device) * block_size + block_size - 1, max=seq - 1)
-    first, last = doc_ids[:, ::block_size], doc_ids[:, ends]  # [B, n] each
-    q_blk = torch.arange(n, device=doc_ids.device)[:, None]
-    k_blk = torch.arange(n, device=doc_ids.device)[None, :]
-    earlier = k_blk < q_blk
-    full = earlier & (first[:, None, :] == last[:, :, None])  # key block's first doc == query block's last
-    if seq % block_size:
+    sq, sk = q_index.shape[1], k_index.shape[1]
+    q_lo, q_hi = _block_ranges(q_index, block_size)
+    qd_lo, qd_hi = _block_ranges(q_docs, block_size)
+    k_lo, k_hi = _block_ranges(k_index, block_size)
+    kd_lo, kd_hi = _block_ranges(k_docs, block_size)
+    some = ((k_lo[:, None, :] <= q_hi[:, :, None]) & (kd_lo[:, None, :] <= qd_hi[:, :, None])
+            & (kd_hi[:, None, :] >= qd_lo[:, :, None]))
+    one_doc = ((qd_lo == qd_hi)[:, :, None] & (kd_lo == kd_hi)[:, None, :]
+               & (kd_lo[:, None, :] == qd_lo[:, :, None]))
+    full = one_doc & (k_hi[:, None, :] <= q_lo[:, :, None])
+    if sq % block_size:
         full[:, -1, :] = False
-    touched = (k_blk == q_blk) | (earlier & (last[:, None, :] == first[:, :, None]))
-    partial = touched & ~full
+    if sk % block_size:
+        full[:, :, -1] = False
+    partial = some & ~full
 
-    # The kernel evaluates the mask on whole blocks, so pad the ids (-1: out of range, discarded).
-    padded = torch.nn.functional.pad(doc_ids, (0, n * block_size - seq), value=-1)
+    # The kernel evaluates the mask on whole blocks: padded queries and keys match no document.
+    pad = torch.nn.functional.pad
+    q_idx, k_idx = pad(q_index, (0, -sq % block_size)), pad(k_index, (0, -sk % block_size))
+    q_doc = pad(q_docs, (0, -sq % block_size), value=-1)
+    k_doc = pad(k_docs, (0, -sk % block_size), value=-2)
 
-    def same_document_causal(b, h, q_idx, kv_idx):
-        return (kv_idx <= q_idx) & (padded[b, q_idx] == padded[b, kv_idx])
+    def same_document_causal(b, h, q, kv):
+        return (k_idx[b, kv] <= q_idx[b, q]) & (q_doc[b, q] == k_doc[b, kv])
 
     return BlockMask.from_kv_blocks(*ordered_blocks(partial), *ordered_blocks(full), BLOCK_SIZE=block_size,
-                                    mask_mod=same_document_causal, seq_lengths=(seq, seq))
+                                    mask_mod=same_document_causal, seq_lengths=(sq, sk))
 
 
 def flex_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
@@ -113,7 +133,7 @@ class FlexCore(nn.Module):
         self.block_size = block_size
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: DocumentLayout
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Documents
     ) -> torch.Tensor:
         return flex_attend(q, k, v, docs.block_mask(self.block_size))
 

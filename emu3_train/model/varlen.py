@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from emu3_train.model.attention import DocumentLayout
+    from emu3_train.model.documents import Documents
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -50,7 +50,7 @@ class VarlenCore(nn.Module):
     dropout = 0.0  # read by apply_cp when it swaps the core
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: DocumentLayout
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Documents
     ) -> torch.Tensor:
         if q.device.type != "cuda":
             raise RuntimeError(f"model.attn_impl=varlen runs only on CUDA (flash attention), got {q.device}; "

@@ -39,6 +39,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from emu3_train.config import CHOICES
 from emu3_train.model.attention import ATTN_IMPLS, Attention, AutoCore, SdpaCore
 from emu3_train.model.decoder import Decoder, Emu3CausalLM
+from emu3_train.model.documents import Documents
 from emu3_train.model.flex import BLOCK_SIZE, FlexCore
 from emu3_train.model.varlen import VarlenCore
 from emu3_train.parallel.cp_attention import (
@@ -47,8 +48,6 @@ from emu3_train.parallel.cp_attention import (
     ContextParallelCore,
     FlexAllGatherCore,
     RowOrderAttention,
-    cp_block_mask,
-    plan_query_chunks,
 )
 
 CP_IMPLS = CHOICES["parallel.cp_impl"]
@@ -100,79 +99,27 @@ def shard_batch(batch: dict, cp_rank: int, cp: int) -> dict:
     return out
 
 
-class ContextParallelLayout:
-    """The document layout of one CP rank's shard, with the whole row's keys.
+def context_parallel_layout(cu_seqlens: torch.Tensor, position_ids: torch.Tensor,
+                            token_index: torch.Tensor | None, group: dist.ProcessGroup) -> Documents:
+    """The :class:`~emu3_train.model.documents.Documents` of one CP rank's shard, with the whole
+    row's keys (:meth:`Documents.sharded`).
 
     ``cu_seqlens`` is the full batch's (over the flattened global B*S tokens), ``position_ids`` and
     ``token_index`` are the shard's [B, S_local] (``token_index`` exactly as :func:`shard_batch`
     makes it: asserted). The keys are the whole row in row order, the order of K/V after the
-    cores' gather. A query may attend a key iff they share a document and the key's global index
-    is not larger. Per-forward derived data (query chunk plans, flex BlockMasks) is cached here
-    and shared by every layer.
-
-    Attributes:
-        token_index, doc_ids: int64 [B, S_local] of the local tokens (queries).
-        key_index, key_doc_ids: int64 [B, S] of the row's tokens in row order (keys).
+    cores' gather. Per-forward derived data (query chunk plans, flex BlockMasks) is cached in the
+    layout and shared by every layer.
     """
-
-    def __init__(self, cu_seqlens: torch.Tensor, position_ids: torch.Tensor,
-                 token_index: torch.Tensor | None, group: dist.ProcessGroup):
-        if token_index is None:
-            raise ValueError("context parallelism is applied: shard the batch with "
-                             "context_parallel.shard_batch and pass token_index=batch['token_index']")
-        if token_index.shape != position_ids.shape or position_ids.dim() != 2:
-            raise ValueError(f"token_index {tuple(token_index.shape)} and position_ids "
-                             f"{tuple(position_ids.shape)} must have the same [B, S_local] shape")
-        cp, rank = dist.get_world_size(group), dist.get_rank(group)
-        batch, local = position_ids.shape
-        seq, device = cp * local, position_ids.device
-        torch._assert_async(cu_seqlens[-1] == batch * seq,
-                            "cu_seqlens must end at B * S_local * cp: is the batch sharded?")
-        self.cu_seqlens = cu_seqlens
-        self.position_ids = position_ids
-        self._row_start = torch.arange(batch, device=device)[:, None] * seq
-        self.token_index = token_index.to(torch.int64)
-        torch._assert_async((self.token_index == self._row_start + cp_positions(seq, rank, cp, device)).all(),
-                            f"token_index is not shard_batch's for CP rank {rank} of {cp}")
-        bounds = cu_seqlens[1:].to(torch.int64)
-        self._doc_starts = cu_seqlens[:-1].to(torch.int64)
-        self.doc_ids = torch.searchsorted(bounds, self.token_index, right=True)
-        self.key_index = self._row_start + torch.arange(seq, device=device)
-        self.key_doc_ids = torch.searchsorted(bounds, self.key_index, right=True)
-        self._chunks: dict = {}
-        self._block_masks: dict = {}
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(B, S_local) of the shard."""
-        return tuple(self.doc_ids.shape)
-
-    def _plan(self, index: torch.Tensor, docs: torch.Tensor, chunk_size: int):
-        first = (self._doc_starts[docs] - self._row_start).clamp_min(0)  # a row end ends a document
-        return plan_query_chunks(index - self._row_start, first, chunk_size)
-
-    def query_chunks(self, chunk_size: int):
-        """``plan_query_chunks`` of the local queries against the row's keys (cached)."""
-        if ("local", chunk_size) not in self._chunks:
-            self._chunks["local", chunk_size] = self._plan(self.token_index, self.doc_ids, chunk_size)
-        return self._chunks["local", chunk_size]
-
-    def row_chunks(self, chunk_size: int):
-        """``plan_query_chunks`` of the row's tokens as queries (Ulysses), cached."""
-        if ("row", chunk_size) not in self._chunks:
-            self._chunks["row", chunk_size] = self._plan(self.key_index, self.key_doc_ids, chunk_size)
-        return self._chunks["row", chunk_size]
-
-    def block_mask(self, block_size: int):
-        """The flex BlockMask of local queries x row keys, ``block_size``-token blocks (cached)."""
-        if block_size not in self._block_masks:
-            self._block_masks[block_size] = cp_block_mask(self.token_index, self.doc_ids, self.key_index,
-                                                          self.key_doc_ids, block_size)
-        return self._block_masks[block_size]
-
-    def causal_mask(self) -> torch.Tensor:
-        raise TypeError("a context-parallel shard needs a context-parallel attention core: "
-                        "apply_cp swaps every Attention.core, do not replace them afterwards")
+    if token_index is None:
+        raise ValueError("context parallelism is applied: shard the batch with "
+                         "context_parallel.shard_batch and pass token_index=batch['token_index']")
+    cp, rank = dist.get_world_size(group), dist.get_rank(group)
+    docs = Documents.sharded(cu_seqlens, position_ids, token_index, cp)
+    seq = cp * position_ids.shape[1]
+    expected = docs.row_start + cp_positions(seq, rank, cp, position_ids.device)
+    torch._assert_async((docs.q_index == expected).all(),
+                        f"token_index is not shard_batch's for CP rank {rank} of {cp}")
+    return docs
 
 
 def _init_deepspeed_comm() -> None:
@@ -217,7 +164,7 @@ class UlyssesCore(ContextParallelCore):
         self.local_attn = RowOrderAttention(self.cp, dropout, chunk_size)
         self.dist_attn = DistributedAttention(self.local_attn, group, scatter_idx=2, gather_idx=1)
 
-    def forward(self, q, k, v, docs: ContextParallelLayout) -> torch.Tensor:
+    def forward(self, q, k, v, docs: Documents) -> torch.Tensor:
         if k.shape[2] % self.cp:
             raise ValueError(f"parallel.cp_impl=ulysses needs the local KV heads ({k.shape[2]}) "
                              f"divisible by parallel.cp={self.cp}")

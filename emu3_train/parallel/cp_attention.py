@@ -13,11 +13,15 @@ before its earliest document's first token and after its last query.
   mask's O(S_local * S), same numbers. Transient memory: one chunk's mask, a
   :data:`CHUNK_BUDGET_BYTES` budget (:func:`query_chunk_size`).
 - :func:`cp_block_mask` (flex; GPU): the same mask as a flex ``BlockMask`` over Q_LEN = S_local,
-  KV_LEN = S, classified per (query block, key block) from the blocks' index and document ranges
-  in O(B * S_local * S / 128^2) integer ops, never a dense mask.
+  KV_LEN = S: ``model.flex.document_block_mask``, the one block mask of every layout, classified
+  per (query block, key block) from the blocks' index and document ranges, never a dense mask.
 - :func:`dense_document_attention`: the dense-mask reference (tests, benchmark).
 
-The cores (``forward(q, k, v, docs)``, ``docs`` a ``context_parallel.ContextParallelLayout``):
+The mask itself, the chunk planner and the layout type (``model.documents.Documents``, built by
+``context_parallel.context_parallel_layout``) are the model's; this module re-exports
+``document_causal_mask``, ``plan_query_chunks`` and ``Chunk``.
+
+The cores (``forward(q, k, v, docs)``, ``docs`` a shard's ``Documents``):
 :class:`AllGatherCore` (chunked SDPA), :class:`FlexAllGatherCore`, :class:`AutoAllGatherCore`, and
 :func:`row_order_attention`, the local attention of the Ulysses core.
 """
@@ -25,29 +29,23 @@ The cores (``forward(q, k, v, docs)``, ``docs`` a ``context_parallel.ContextPara
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.flex_attention import BlockMask
 
 from emu3_train.model.attention import choose_attn_impl, masked_sdpa
-from emu3_train.model.flex import BLOCK_SIZE, flex_attend, ordered_blocks
+from emu3_train.model.documents import Chunk, Documents, document_causal_mask, plan_query_chunks
+from emu3_train.model.flex import BLOCK_SIZE, document_block_mask, flex_attend
 from emu3_train.model.varlen import HALF_DTYPES
-
-if TYPE_CHECKING:
-    from emu3_train.parallel.context_parallel import ContextParallelLayout
 
 CHUNK_BUDGET_BYTES = 64 * 2**20  # per query chunk: its mask and what SDPA derives from it
 # Smaller chunks reach fewer keys (a tighter [lo, hi) per chunk); 512 was faster than 1,024 or
 # 4,096 on CPU at S = 16,384 with 256..4,096-token documents (benchmarks/cp_attention.py).
 MAX_CHUNK_QUERIES = 512
 
-# (query start, query end, key start, key end) of one chunk: local query positions, key columns
-Chunk = tuple[int, int, int, int]
+__all__ = ["Chunk", "document_causal_mask", "plan_query_chunks", "cp_block_mask"]  # re-exported
+cp_block_mask = document_block_mask  # the CP flex mask is the model's one document BlockMask
 
 
 def rank_to_row_order(shards: list[torch.Tensor], dim: int = 1) -> torch.Tensor:
@@ -98,14 +96,6 @@ def gather_sequence(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     return _GatherSequence.apply(x, group)
 
 
-def document_causal_mask(q_index, q_docs, k_index, k_docs) -> torch.Tensor:
-    """int64 [B, Sq] (query index, doc), [B, Sk] (key index, doc) -> bool [B, 1, Sq, Sk]."""
-    same_doc = q_docs[:, :, None] == k_docs[:, None, :]
-    return (same_doc & (k_index[:, None, :] <= q_index[:, :, None])).unsqueeze(1)
-
-
-
-
 def dense_document_attention(q, k, v, q_index, q_docs, k_index, k_docs, dropout: float = 0.0) -> torch.Tensor:
     """The reference: SDPA with the dense [B, 1, Sq, Sk] mask, saved for backward. Same shapes as
     :func:`chunked_document_attention`; memory O(B * Sq * Sk)."""
@@ -123,28 +113,6 @@ def query_chunk_size(batch: int, keys: int, heads: int, dtype: torch.dtype, drop
     """
     per_pair = 1 + torch.empty((), dtype=dtype).element_size() + (12 * heads if dropout else 0)
     return max(1, min(MAX_CHUNK_QUERIES, budget // (batch * keys * per_pair)))
-
-
-def plan_query_chunks(q_cols: torch.Tensor, q_first_cols: torch.Tensor, chunk_size: int) -> tuple[Chunk, ...]:
-    """Cut the queries into chunks of at most ``chunk_size`` and give each the keys it can reach.
-
-    ``q_cols`` int64 [B, Sq]: each query's column in its row (its key j is column j);
-    ``q_first_cols`` [B, Sq]: the column of its document's first token in that row. A chunk never
-    spans a jump in the columns (the two row chunks a CP rank holds), and reaches keys
-    [min first column, max column + 1) over its queries and rows, a superset of what its mask
-    allows. One host synchronization.
-    """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive number of queries, got {chunk_size}")
-    last = q_cols.amax(0).cpu().numpy()
-    first = q_first_cols.amin(0).cpu().numpy()
-    runs = np.flatnonzero(np.diff(last) != 1) + 1
-    bounds = np.concatenate([[0], runs, [len(last)]])
-    starts = np.concatenate([np.arange(a, b, chunk_size) for a, b in zip(bounds[:-1], bounds[1:])])
-    ends = np.append(starts[1:], len(last))
-    lo = np.minimum.reduceat(first, starts)
-    hi = np.maximum.reduceat(last, starts) + 1
-    return tuple(zip(starts.tolist(), ends.tolist(), lo.tolist(), hi.tolist()))
 
 
 def _capture_rng(device: torch.device):
@@ -218,54 +186,6 @@ def chunked_document_attention(q, k, v, q_index, q_docs, k_index, k_docs, chunks
     return _ChunkedDocumentAttention.apply(q, k, v, q_index, q_docs, k_index, k_docs, chunks, dropout)
 
 
-def _block_ranges(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, L] -> (min, max) over each ``block``-long slice, [B, ceil(L / block)] (tail: its own)."""
-    pad = -x.shape[1] % block
-    if pad:
-        x = torch.cat([x, x[:, -1:].expand(x.shape[0], pad)], dim=1)
-    x = x.view(x.shape[0], -1, block)
-    return x.amin(-1), x.amax(-1)
-
-
-def cp_block_mask(q_index, q_docs, k_index, k_docs, block_size: int = 128) -> BlockMask:
-    """The mask of :func:`document_causal_mask` as a flex BlockMask, Q_LEN = Sq, KV_LEN = Sk.
-
-    Per (query block, key block): *full* when every key's index is at most every query's and all
-    of them share one document; *partial* (mask_mod evaluated per token) when the ranges allow
-    some pair (earliest key index <= latest query index, document ranges overlap); else skipped.
-    Exact for blocks of consecutive columns (what the CP cores pass when the row chunk length is a
-    multiple of ``block_size``), a superset otherwise. Tail blocks are never full.
-    """
-    batch, sq = q_index.shape
-    sk = k_index.shape[1]
-    q_lo, q_hi = _block_ranges(q_index, block_size)
-    qd_lo, qd_hi = _block_ranges(q_docs, block_size)
-    k_lo, k_hi = _block_ranges(k_index, block_size)
-    kd_lo, kd_hi = _block_ranges(k_docs, block_size)
-    some = ((k_lo[:, None, :] <= q_hi[:, :, None]) & (kd_lo[:, None, :] <= qd_hi[:, :, None])
-            & (kd_hi[:, None, :] >= qd_lo[:, :, None]))
-    one_doc = ((qd_lo == qd_hi)[:, :, None] & (kd_lo == kd_hi)[:, None, :]
-               & (kd_lo[:, None, :] == qd_lo[:, :, None]))
-    full = one_doc & (k_hi[:, None, :] <= q_lo[:, :, None])
-    if sq % block_size:
-        full[:, -1, :] = False
-    if sk % block_size:
-        full[:, :, -1] = False
-    partial = some & ~full
-
-    # The kernel evaluates the mask on whole blocks: padded queries and keys match no document.
-    q_idx = F.pad(q_index, (0, -sq % block_size))
-    k_idx = F.pad(k_index, (0, -sk % block_size))
-    q_doc = F.pad(q_docs, (0, -sq % block_size), value=-1)
-    k_doc = F.pad(k_docs, (0, -sk % block_size), value=-2)
-
-    def same_document_causal(b, h, q, kv):
-        return (k_idx[b, kv] <= q_idx[b, q]) & (q_doc[b, q] == k_doc[b, kv])
-
-    return BlockMask.from_kv_blocks(*ordered_blocks(partial), *ordered_blocks(full), BLOCK_SIZE=block_size,
-                                    mask_mod=same_document_causal, seq_lengths=(sq, sk))
-
-
 class ContextParallelCore(nn.Module):
     """Base of the CP attention cores: ``group`` is the CP process group, and :meth:`layout` builds
     the layout they take (``Decoder.layout`` asks its first attention core for it)."""
@@ -273,11 +193,12 @@ class ContextParallelCore(nn.Module):
     group: dist.ProcessGroup
 
     def layout(self, cu_seqlens: torch.Tensor, position_ids: torch.Tensor,
-               token_index: torch.Tensor | None = None) -> ContextParallelLayout:
-        """The shard's :class:`~emu3_train.parallel.context_parallel.ContextParallelLayout`."""
-        from emu3_train.parallel.context_parallel import ContextParallelLayout  # it lives with shard_batch
+               token_index: torch.Tensor | None = None) -> Documents:
+        """The shard's :class:`~emu3_train.model.documents.Documents`
+        (:func:`~emu3_train.parallel.context_parallel.context_parallel_layout`)."""
+        from emu3_train.parallel.context_parallel import context_parallel_layout  # with shard_batch
 
-        return ContextParallelLayout(cu_seqlens, position_ids, token_index, self.group)
+        return context_parallel_layout(cu_seqlens, position_ids, token_index, self.group)
 
 
 class AllGatherCore(ContextParallelCore):
@@ -293,12 +214,12 @@ class AllGatherCore(ContextParallelCore):
         super().__init__()
         self.group, self.dropout, self.chunk_size = group, dropout, chunk_size
 
-    def forward(self, q, k, v, docs: ContextParallelLayout) -> torch.Tensor:
+    def forward(self, q, k, v, docs: Documents) -> torch.Tensor:
         k_all, v_all = gather_sequence(k, self.group), gather_sequence(v, self.group)
         dropout = self.dropout if self.training else 0.0
         size = self.chunk_size or query_chunk_size(q.shape[0], k_all.shape[1], q.shape[2], q.dtype, dropout)
-        return chunked_document_attention(q, k_all, v_all, docs.token_index, docs.doc_ids, docs.key_index,
-                                          docs.key_doc_ids, docs.query_chunks(size), dropout)
+        return chunked_document_attention(q, k_all, v_all, docs.q_index, docs.q_docs, docs.k_index,
+                                          docs.k_docs, docs.query_chunks(size), dropout)
 
     def extra_repr(self) -> str:
         return f"cp={dist.get_world_size(self.group)}, dropout={self.dropout}, chunk_size={self.chunk_size}"
@@ -318,7 +239,7 @@ class FlexAllGatherCore(ContextParallelCore):
         super().__init__()
         self.group, self.block_size = group, block_size
 
-    def forward(self, q, k, v, docs: ContextParallelLayout) -> torch.Tensor:
+    def forward(self, q, k, v, docs: Documents) -> torch.Tensor:
         k_all, v_all = gather_sequence(k, self.group), gather_sequence(v, self.group)
         return flex_attend(q, k_all, v_all, docs.block_mask(self.block_size))
 
@@ -336,7 +257,7 @@ class AutoAllGatherCore(ContextParallelCore):
         self.sdpa = AllGatherCore(group, dropout)
         self.flex = FlexAllGatherCore(group)
 
-    def forward(self, q, k, v, docs: ContextParallelLayout) -> torch.Tensor:
+    def forward(self, q, k, v, docs: Documents) -> torch.Tensor:
         impl = choose_attn_impl(q.device, q.dtype, self.training and self.dropout > 0)
         return (self.sdpa if impl == "sdpa" else self.flex)(q, k, v, docs)
 
@@ -352,10 +273,10 @@ class RowOrderAttention(nn.Module):
         super().__init__()
         self.cp, self.dropout, self.chunk_size = cp, dropout, chunk_size
 
-    def forward(self, q, k, v, docs: ContextParallelLayout) -> torch.Tensor:
+    def forward(self, q, k, v, docs: Documents) -> torch.Tensor:
         q, k, v = (rank_to_row_order(list(t.chunk(self.cp, dim=1))) for t in (q, k, v))
         dropout = self.dropout if self.training else 0.0
         size = self.chunk_size or query_chunk_size(q.shape[0], k.shape[1], q.shape[2], q.dtype, dropout)
-        keys = (docs.key_index, docs.key_doc_ids)
+        keys = (docs.k_index, docs.k_docs)
         out = chunked_document_attention(q, k, v, *keys, *keys, docs.row_chunks(size), dropout)
         return row_to_rank_order(out, self.cp)
