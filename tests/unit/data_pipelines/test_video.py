@@ -4,6 +4,7 @@ corrupt files named, duration filters by reason. Every video is written by PyAV 
 from __future__ import annotations
 
 import io
+import struct
 from fractions import Fraction
 
 import av
@@ -204,3 +205,28 @@ def test_a_clip_block_carries_the_clip_timing(webm_bytes):
     assert tok.decode(block[1:block.index(vocab.sot)]) == "2*3*4 8fps 1s"
     got, meta = parse_vision_block_meta(np.array(block), vocab, tok.decode)
     assert got.shape == (2, 3, 4) and (meta.fps, meta.duration) == (8.0, 1.0)
+
+
+def test_a_rotated_phone_video_comes_out_upright():
+    """A portrait phone clip: coded landscape, its mp4 track matrix says 'turn 90 degrees clockwise'
+    (what ffprobe shows as 'rotation of -90.00 degrees')."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
+        coded = np.zeros((32, 64, 3), np.uint8)
+        coded[:, :16] = 255  # a white stripe down the left edge of the coded picture
+        for _ in range(4):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(coded, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    data = bytearray(buf.getvalue())
+    identity = struct.pack(">9I", 0x10000, 0, 0, 0, 0x10000, 0, 0, 0, 0x40000000)
+    at = data.index(identity, data.index(b"tkhd"))
+    data[at:at + 36] = struct.pack(">9I", 0, 0x10000, 0, 0xFFFF0000, 0, 0, 0, 0, 0x40000000)
+    (clip,) = read_clips(bytes(data), fps=8, max_frames=4)
+    assert clip.frames.shape == (4, 64, 32, 3)  # portrait
+    assert clip.frames[:, :14].min() > 200 and clip.frames[:, 18:].max() < 60  # the stripe is on top
+    (small,) = read_clips(bytes(data), fps=8, max_frames=4, size=(32, 16))  # size is of the upright frame
+    assert small.frames.shape == (4, 32, 16, 3) and small.frames[:, :6].min() > 200
