@@ -17,12 +17,15 @@ Padding would invent frames the caption does not describe. ``max_frames`` must b
 multiple of ``temporal``.
 
 **Errors.** An input that does not open, has no video stream, fails to decode (corrupt or
-truncated) or yields no frame raises ``ValueError("{name}: ...")``. A video the duration filters
-reject raises :class:`VideoFiltered` (a ``ValueError``) with ``reason`` ``"too_short"`` (shorter
-than ``min_duration``, or fewer than ``temporal`` frames at ``fps``) or ``"too_long"`` (longer than
-``max_duration``); the caller counts both by reason and moves on.
+truncated: with ``strict``, the default, FFmpeg's ``err_detect=explode`` makes a damaged packet an
+error instead of a concealed frame), whose frames end well before the duration its header gives
+(cut short), or that yields no frame raises ``ValueError("{name}: ...")`` (one line). A video
+the duration filters reject raises :class:`VideoFiltered` (a ``ValueError``) with ``reason``
+``"too_short"`` (shorter than ``min_duration``, or fewer than ``temporal`` frames at ``fps``) or
+``"too_long"`` (longer than ``max_duration``); the caller counts both by reason and moves on.
 
-**Memory.** Decoding streams one frame at a time; only the frames picked are converted to RGB
+**Memory and threads.** Decoding streams one frame at a time, in one FFmpeg thread (tokenizing
+workers are the parallelism); only the frames picked are converted to RGB
 (at ``size`` if given, else the decoded size, rotated upright by the stream's display matrix).
 :func:`iter_clips` holds one clip at a time; :func:`read_clips` returns all clips of a file, so
 bound it with ``max_duration`` (at ``--fps 8``, 60 s at 720p is ~1.3 GB of RGB; with ``size`` far
