@@ -157,3 +157,11 @@ def test_missing_directory_is_one_error_line(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.strip() == f"error: shard directory not found: {tmp_path / 'nope'}"
+
+
+def test_text_report_shows_video_and_packing(tmp_path, capsys):
+    write_shards(mixed_docs(12), tmp_path, VOCAB)
+    assert main([str(tmp_path), "--vocab", "demo", "--seq-len", "96"]) == 0
+    out = capsys.readouterr().out
+    assert "video: 3 blocks, " in out and "by fps 8: 3" in out
+    assert "packing at seq_len 96: fill " in out and "epochs planned)" in out
