@@ -8,6 +8,8 @@
 #    implementation (README row "single-GPU tokens/s and MFU").
 # 4. The trainer under torchrun with one process: a real cpu:gloo,cuda:nccl group, so every
 #    collective of a step, the stop flag and the checkpoint barriers go through NCCL once.
+# 5. benchmarks/vs_hf.py on CUDA: our step vs HF Emu3ForCausalLM (SDPA) on the same documents
+#    (README row "vs_hf.py --device cuda"); needs transformers on the machine.
 # PY: a Python with torch (CUDA), triton and this project's dependencies; the project itself is
 # installed without dependencies first (its kernels/ and data_pipelines/ install as emu3_train.*).
 # The lent device machines have python3 with torch 2.11 + triton but no hydra-core, omegaconf,
@@ -33,6 +35,8 @@ export PYTHONUNBUFFERED=1
     --precision bf16 --recompute selective --impls sdpa,flex,varlen
   "$PY" benchmarks/train_step.py --device cuda --model emu3_1b --seq-len 5120 --doc-len 1024 \
     --precision bf16 --recompute selective --impls flex,varlen --compile
+  echo "== our step vs HF Emu3ForCausalLM, emu3_1b, 5,120 tokens"
+  "$PY" benchmarks/vs_hf.py --device cuda --model emu3_1b --micro 1,2,4 --steps 3
   echo "== trainer under torchrun, one process, real NCCL group"
   "$PY" -m emu3_train.data_pipelines.demo --out "$OUT/demo" >/dev/null
   "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 -m emu3_train.train experiment=demo \
