@@ -37,7 +37,7 @@ from emu3_train.metrics import (
     StepWindow,
     format_skipped,
     format_summary,
-    window_means,
+    interval_metrics,
 )
 from emu3_train.model.decoder import Emu3CausalLM
 from emu3_train.optim import apply_update, build_optimizer, build_scheduler
@@ -45,6 +45,7 @@ from emu3_train.parallel.dims import layout_of
 from emu3_train.parallel.mesh import build_mesh, init_distributed, named_collective
 from emu3_train.samples import InRunSampler
 from emu3_train.step import StepContext, clip_grad_norm, forward_backward
+from emu3_train.validation import Validator, format_validation
 from emu3_train.vocab import get_vocab
 
 
@@ -86,6 +87,7 @@ class Trainer:
         self.is_rank0 = self.rank == 0
         self.mesh = build_mesh(self.dims, self.device.type)
         dp_rank, _, _ = self.dims.coords(self.rank)
+        self.validator = Validator.from_config(cfg, self.vocab, dp_rank, self.dp)  # eval.val_path: rows now
         self.faults = FaultHook.from_spec(cfg.trainer.fault, self.rank)
 
         self.vocab_size = cfg.model.vocab_size or self.vocab.size
@@ -109,7 +111,8 @@ class Trainer:
             seed=cfg.data.seed, vision_weight=cfg.loss.vision_weight,
             pack_window=cfg.data.pack_window, oversize_policy=cfg.data.oversize_policy,
             weights=weights, shard_group=cfg.data.shard_group, num_workers=cfg.data.num_workers,
-            prefetch=cfg.data.prefetch, on_bad_sample=cfg.data.on_bad_sample, tasks=cfg.data.tasks)
+            prefetch=cfg.data.prefetch, on_bad_sample=cfg.data.on_bad_sample, tasks=cfg.data.tasks,
+            caption_dropout=cfg.data.caption_dropout, task_weights=dict(cfg.loss.task_weights))
         self.checkpoints = CheckpointManager(
             self.ckpt_dir, async_save=cfg.checkpoint.async_save, keep_last=cfg.checkpoint.keep_last,
             keep_every=cfg.checkpoint.keep_every, is_rank0=self.is_rank0, on_durable=self._on_durable,
@@ -267,10 +270,13 @@ class Trainer:
                     interval, t_window = [], time.perf_counter()
                 if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
                     self.save()
+                t0 = time.perf_counter()
                 if self.sampler is not None and self.step % t.sample_interval == 0:
-                    t0 = time.perf_counter()
                     self.sample()
-                    t_window += time.perf_counter() - t0  # sampling time is not training throughput
+                every = cfg.eval.val_interval
+                if self.step == t.max_steps or (every and self.step % every == 0):
+                    self.validate()
+                t_window += time.perf_counter() - t0  # sampling and validation are not training throughput
             self.read_window()  # a stop between reads: the steps since are still reported
         finally:
             bar.close()  # so an error message starts on its own line
@@ -289,20 +295,21 @@ class Trainer:
         self.stop_signal = signal.Signals(signum).name
 
     def _summarize(self, window: list[dict], seconds: float) -> dict:
-        out = window_means(window)
-        tokens = sum(m["tokens"] for m in window)
-        out.update({
-            "train/lr": window[-1]["train/lr"],
-            "train/skipped_steps": sum(m["train/skipped_step"] for m in window),
-            "perf/tokens_per_s": tokens * self.dp / seconds,
-            "perf/tokens_per_s_per_gpu": tokens * self.dp / self.world_size / seconds,
-            "data/fill": 1.0 - sum(m["pad"] for m in window) / max(1, tokens),
-            "data/docs_per_row": sum(m["docs"] for m in window) / max(1, sum(m["rows"] for m in window)),
-            "data/skipped": self._skipped_docs(),
-            "train/tokens_seen": float(self.state.tokens),
-            **self.perf.summarize(seconds),
-        })
-        return out
+        return {**interval_metrics(window, seconds, self.dp, self.world_size),
+                "data/skipped": self._skipped_docs(), "train/tokens_seen": float(self.state.tokens),
+                **self.perf.summarize(seconds)}
+
+    def validate(self) -> dict | None:
+        """``val/*`` on ``eval.val_path`` (emu3_train.validation); every rank takes part, rank 0 prints
+        ``val step N | loss X | text X | vision X``. None without ``eval.val_path``."""
+        if self.validator is None:
+            return None
+        metrics = self.validator(self.model, self.plan, self.step_ctx)
+        if self.is_rank0:
+            tqdm.write(format_validation(self.step, metrics, self.validator.names))
+            sys.stdout.flush()
+        self.logger.log(metrics, self.step)
+        return metrics
 
     def _skipped_docs(self) -> float:
         """Documents skipped so far: oversize and unreadable shards (planned alike on every rank)

@@ -60,13 +60,17 @@ def build_batch(
     *,
     loss_spans: Mapping[int, np.ndarray] | None = None,
     doc_weight: Mapping[int, float] | None = None,
+    caption_drop: Mapping[tuple[int, int], int] | None = None,
 ) -> dict:
     """The batch dict (module docstring) of ``rows``.
 
     ``tokens[doc_id]``: the whole document's ids; ``understanding``: the doc ids whose visual
     tokens are inputs only (weight 0 as targets); ``loss_spans[doc_id]``: ``[k, 2]`` supervised
     spans in document coordinates (absent or ``k == 0``: every target); ``doc_weight[doc_id]``:
-    the document's multiplier (its task weight; absent = 1.0).
+    the document's multiplier (its task weight; absent = 1.0); ``caption_drop[(r, doc_id)] = v``:
+    in row r, the piece starting document ``doc_id`` loses its caption, tokens [1, v) (v = the
+    SOV position): ``BOS SOV meta SOT rows ...``, the empty caption (``data.caption_dropout``); the
+    row's padding tail grows by as much.
     """
     if not rows:
         raise ValueError("a batch needs at least one row")
@@ -81,12 +85,14 @@ def build_batch(
         o = 0
         for piece in row:
             doc = tokens[piece.doc_id]
-            n = piece.end - piece.start
             if not 0 <= piece.start < piece.end <= len(doc):
                 raise ValueError(f"piece {piece} lies outside document {piece.doc_id} of {len(doc)} tokens")
+            drop = caption_drop.get((r, piece.doc_id)) if caption_drop and piece.start == 0 else None
+            at = None if drop is None else np.r_[0, np.arange(drop, piece.end)]  # document positions kept
+            ids = doc[piece.start:piece.end] if at is None else doc[at]
+            n = len(ids)
             if o + n > s:
                 raise ValueError(f"row {r} holds more than seq_len {s} tokens")
-            ids = doc[piece.start:piece.end]
             tok[r, o:o + n] = ids
             lab[r, o:o + n - 1] = ids[1:]
             pos[r, o:o + n] = np.arange(n)
@@ -95,7 +101,9 @@ def build_batch(
                 scale[r, o:o + n] = doc_weight[piece.doc_id]
             spans = None if loss_spans is None else loss_spans.get(piece.doc_id)
             if spans is not None and len(spans):
-                scale[r, o:o + n] *= _supervised(spans, len(doc))[piece.start + 1:piece.end + 1]
+                supervised = _supervised(spans, len(doc))  # by the document position each label is
+                scale[r, o:o + n] *= (supervised[piece.start + 1:piece.end + 1] if at is None
+                                      else supervised[np.append(at[1:], piece.end)])
             bounds.append(r * s + o)
             num_docs += 1
             o += n

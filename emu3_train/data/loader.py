@@ -60,6 +60,17 @@ _PLAN_DEFAULTS = {"tasks": []}  # fields older states lack
 log = logging.getLogger(__name__)
 
 
+CAPTION_DROPOUT_STREAM = 0xCA9  # separates the caption-dropout draws from every other seeded stream
+
+
+def caption_dropped(seed: int, row: int, doc_id: int, rate: float) -> bool:
+    """Whether global document ``doc_id`` starting in global row ``row`` of the stream loses its
+    caption: a draw of ``default_rng([seed, CAPTION_DROPOUT_STREAM, row, doc_id])`` below ``rate``.
+    The row of a document changes with the epoch, so each drawing of a document decides anew; a
+    pure function of the stream, so any dp size, worker count and resume sees the same drops."""
+    return rate > 0 and np.random.default_rng([seed, CAPTION_DROPOUT_STREAM, row, doc_id]).random() < rate
+
+
 class PackedLoader:
     """Infinite iterator of this rank's packed micro-batches (dicts of ``data.batch.build_batch``).
 
@@ -80,6 +91,9 @@ class PackedLoader:
         on_bad_sample: ``error`` or ``skip`` (module docstring).
         task_weights: loss multiplier per document task (``loss.task_weights``; missing = 1.0).
             The documents' ``loss_spans`` (from the index) are applied as ``data.batch`` says.
+        caption_dropout: fraction of t2i documents whose caption is replaced by the empty one
+            (:func:`caption_dropped`), so the model learns the unconditional branch of
+            classifier-free guidance.
     """
 
     def __init__(self, shards: ShardSet | Sequence[ShardSet], seq_len: int, micro_batch_size: int,
@@ -87,7 +101,7 @@ class PackedLoader:
                  pack_window: int = 256, oversize_policy: str = "skip", *,
                  weights: Sequence[float] | None = None, shard_group: int = 0, num_workers: int = 0,
                  prefetch: int = 2, on_bad_sample: str = "error", tasks: Sequence[str] = (),
-                 task_weights: Mapping[str, float] | None = None):
+                 task_weights: Mapping[str, float] | None = None, caption_dropout: float = 0.0):
         for name, value in (("seq_len", seq_len), ("micro_batch_size", micro_batch_size),
                             ("dp_size", dp_size), ("pack_window", pack_window), ("prefetch", prefetch)):
             if not isinstance(value, (int, np.integer)) or value <= 0:
@@ -115,6 +129,9 @@ class PackedLoader:
         self.vision_weight, self.pack_window = float(vision_weight), int(pack_window)
         self.oversize_policy, self.on_bad_sample = oversize_policy, on_bad_sample
         self.weights, self.shard_group, self.tasks = weights, int(shard_group), sorted(tasks)
+        if not 0.0 <= caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout={caption_dropout} must be in [0, 1]")
+        self.caption_dropout = float(caption_dropout)
         unknown = sorted(set(task_weights or {}) - set(TASKS))
         if unknown:
             raise ValueError(f"task_weights has tasks {unknown}; expected some of {list(TASKS)}")
@@ -146,8 +163,9 @@ class PackedLoader:
         return [self.stream.row(first + j * self.dp_size) for j in range(self.micro_batch_size)]
 
     # -- reading (worker threads, or the caller) --------------------------------------------------
-    def _load(self, rows: list[list[Piece]]) -> tuple[dict, list[tuple[int, str]]]:
-        """The batch of ``rows`` and the ``(doc_id, message)`` of each bad document left out."""
+    def _load(self, rows: list[list[Piece]], first_row: int) -> tuple[dict, list[tuple[int, str]]]:
+        """The batch of ``rows`` (global rows ``first_row + j * dp_size``) and the
+        ``(doc_id, message)`` of each bad document left out."""
         tokens, understanding, bad, spans, doc_weight = {}, set(), [], {}, {}
         for d in sorted({p.doc_id for row in rows for p in row}):
             s, local = self.stream.locate(d)
@@ -165,12 +183,34 @@ class PackedLoader:
             doc_weight[d] = float(self.task_weight[src.tasks[local]])
         if bad:
             rows = [[p for p in row if p.doc_id in tokens] for row in rows]
+        drop = self._caption_drops(rows, first_row) if self.caption_dropout else None
         return build_batch(rows, tokens, understanding, self.seq_len, self.vocab, self.vision_weight,
-                           loss_spans=spans, doc_weight=doc_weight), bad
+                           loss_spans=spans, doc_weight=doc_weight, caption_drop=drop), bad
+
+    def _caption_drops(self, rows: list[list[Piece]], first_row: int) -> dict[tuple[int, int], int]:
+        """``{(j, doc_id): SOV position}`` of the t2i documents starting in rows j whose caption
+        is dropped (a piece holding the document's start and its vision block, caption non-empty)."""
+        t2i, out = TASKS.index("t2i"), {}
+        for j, row in enumerate(rows):
+            k = first_row + j * self.dp_size
+            for p in row:
+                s, local = self.stream.locate(p.doc_id)
+                if p.start or self.sources[s].tasks[local] != t2i:
+                    continue
+                spans = self.sources[s].vision_spans(local)
+                sov = int(spans[0, 0]) if len(spans) else 0
+                if 1 < sov < p.end and caption_dropped(self.seed, k, p.doc_id, self.caption_dropout):
+                    out[j, p.doc_id] = sov
+        return out
+
+    def batch_of(self, rows: list[list[Piece]]) -> dict:
+        """The batch of any ``rows`` of this stream (validation: a fixed set of rows), read now;
+        ``on_bad_sample`` as for the stream's own batches (a bad document's room becomes padding)."""
+        return self._load(rows)[0]
 
     def _submit(self) -> None:
         rows = self._rank_rows(self._submitted)
-        self._pending.append(self._executor.submit(self._load, rows))
+        self._pending.append(self._executor.submit(self._load, rows, self._submitted + self.dp_rank))
         self._submitted += self.dp_size * self.micro_batch_size
 
     def _drop_pending(self) -> None:
@@ -185,7 +225,7 @@ class PackedLoader:
 
     def __next__(self) -> dict:
         if self._executor is None:
-            batch, bad = self._load(self._rank_rows(self.cursor))
+            batch, bad = self._load(self._rank_rows(self.cursor), self.cursor + self.dp_rank)
         else:
             while len(self._pending) < self.prefetch:
                 self._submit()
