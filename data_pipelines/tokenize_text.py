@@ -124,8 +124,8 @@ def tokenize_file(path: str | os.PathLike, out_dir: str | os.PathLike, tokenizer
 
 def _empty_why(stats: dict) -> str:
     skipped = stats["skipped"]
-    if stats["format"] == "txt":
-        return "the file is empty or whitespace" if skipped.get("empty_text") else "the file was skipped"
+    if stats["format"] == "txt" and skipped == {"empty_text": 1}:
+        return "the file is empty or whitespace"
     if not skipped:
         return "no non-blank lines" if stats["format"] == "jsonl" else "no rows"
     return "every item was skipped: " + ", ".join(f"{r} {c}" for r, c in skipped.items())

@@ -109,12 +109,14 @@ def test_txt_is_one_nfc_document_and_a_directory_mixes_formats(tmp_path, tok):
     write_jsonl(src / "d.json.gz", [{"meta": {"body": "Hello world"}}])  # C4-style name, nested field
     write_jsonl(src / "e.jsonl", [{"meta": {"body": "Hello world, 你好"}}, {"meta": {}}])
     pq.write_table(pa.table({"meta": [{"body": "Cafe\u0301 au lait"}]}), src / "f.parquet")
+    with gzip.open(src / "g.txt.gz", "wt", encoding="utf-8") as f:
+        f.write("Hello world")
     (src / "readme.md").write_text("not an input")
     run = tokenize_corpus(src, tmp_path / "out", field="meta.body", tokenizer=tok)
-    assert (run.inputs, run.documents, run.skips.summary()) == (4, 4, "1 skipped (missing_field 1)")
+    assert (run.inputs, run.documents, run.skips.summary()) == (5, 5, "1 skipped (missing_field 1)")
     docs = {source: tokens for _, _, source, tokens in docs_of(tmp_path / "out")}
     assert docs["d:1"] == [BOS, *HELLO, EOS] and docs["e:1"] == [BOS, *HELLO_NIHAO, EOS]
-    assert docs["f:0"] == [BOS, *CAFE, EOS]
+    assert docs["f:0"] == [BOS, *CAFE, EOS] and docs["g"] == [BOS, *HELLO, EOS]
     assert docs["c"] == [BOS, *tok.encode("Caf\u00e9 au lait.\n\nA second paragraph.\n"), EOS]  # NFC: é
     assert docs["c"][1:4] == [34, 2577, 963] and tok.decode(docs["c"]).startswith("Café au lait.\n\nA second")
     assert run.skips.items == [f"{src / 'e.jsonl'}:2: missing_field: no field 'meta.body'"]
@@ -177,6 +179,12 @@ def test_parquet_without_the_column_is_an_error_naming_its_columns(tmp_path, tok
     pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "q.parquet")
     with pytest.raises(ValueError, match="column 'text' holds int64, not strings"):
         tokenize_corpus(tmp_path / "q.parquet", tmp_path / "out", tokenizer=tok)
+    assert not list((tmp_path / "out").iterdir())  # nothing published, nothing partial
+    (tmp_path / "r.parquet").write_bytes(b"PAR1 but not really")  # corrupt: skipped, counted, named
+    run = tokenize_corpus(tmp_path / "r.parquet", tmp_path / "out", tokenizer=tok)
+    assert run.skips.counts == {"corrupt_input": 1} and run.empty_inputs == [
+        f"{tmp_path / 'r.parquet'}: no documents (every item was skipped: corrupt_input 1)"]
+    assert run.skips.items[0].startswith(f"{tmp_path / 'r.parquet'}: corrupt_input: not a readable parquet")
 
 
 def _corpus(src) -> None:
@@ -211,10 +219,10 @@ def test_worker_killed_mid_input_reruns_to_a_complete_set_without_duplicates(tmp
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
     write_jsonl(src / "a.jsonl", [{"text": "Hello world"}])
-    n = 3000
+    n = 1500
     write_jsonl(src / "b.jsonl", [{"text": f"document {i}: " + "Hello world, 你好 " * 20} for i in range(n)])
     cmd = [sys.executable, "-m", "emu3_train.data_pipelines.tokenize_text", "--input", str(src),
-           "--out", str(out), "--max-count", "100"]
+           "--out", str(out), "--max-count", "50"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "TIKTOKEN_CACHE_DIR": ""})
     deadline = time.time() + 120
@@ -224,7 +232,7 @@ def test_worker_killed_mid_input_reruns_to_a_complete_set_without_duplicates(tmp
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     assert is_done(out, "a") and not is_done(out, "b") and not list(out.glob("b-*"))
-    assert main(["--input", str(src), "--out", str(out), "--max-count", "100"]) == 0
+    assert main(["--input", str(src), "--out", str(out), "--max-count", "50"]) == 0
     assert "from 2 inputs (1 already done)" in capsys.readouterr().out
     docs = docs_of(out)
     assert [s for _, _, s, _ in docs] == ["a:1", *(f"b:{i}" for i in range(1, n + 1))]
