@@ -2,7 +2,11 @@
 for a fixed image, so a person can watch both directions of the model learn.
 
 - ``samples/images``: one grid row per prompt (``sample.prompts``), ``sample.per_prompt`` images
-  each, sampled with ``sample.seed`` (the same every time, so rows are comparable across steps).
+  each, sampled with ``sample.seed`` (the same every time, so rows are comparable across steps)
+  by the KV-cached engine (``emu3_train/generation.py``): temperature, top-k, top-p, and
+  classifier-free guidance when ``sample.guidance_scale`` != 1 (against ``sample.negative_prompt``,
+  "" = the empty caption). The grid is the data's own (the first data image's) unless
+  ``sample.height``/``sample.width`` say otherwise.
 - ``samples/caption``: the first image of the training data (the first document with a vision
   block, in shard order), captioned greedily; logged as that image with the caption under it.
 
@@ -13,7 +17,7 @@ demo's intensity codebook, a structural view for a learned one). Files land in
 
     python -m emu3_train.train experiment=demo trainer.sample_interval=600
     python -m emu3_train.train experiment=stage1 ... trainer.sample_interval=2000 sample.vq_path=/vq \\
-        'sample.prompts=["a red fox in snow","a city skyline at night"]' sample.height=32 sample.width=32
+        'sample.prompts=["a red fox in snow","a city skyline at night"]' sample.guidance_scale=3.0
 
 Sampling runs on every rank in lockstep (FSDP and TP forwards are collective); each sampled
 token is broadcast from rank 0 so the ranks can never disagree. Not under context parallelism
@@ -119,8 +123,9 @@ class InRunSampler:
         cfg, n = self.cfg, self.cfg.per_prompt
         prompts = [p for p in self.prompts for _ in range(n)]
         codes = generate_images(model, self.vocab, self.tok.encode, prompts, self.height, self.width,
-                                temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed,
-                                device=self.device, sync=sync, length_multiple=length_multiple)
+                                temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                                guidance_scale=cfg.guidance_scale, negative_prompt=cfg.negative_prompt,
+                                seed=cfg.seed, device=self.device, sync=sync, length_multiple=length_multiple)
         caption = None
         if self.image is not None:
             ids = caption_images(model, self.vocab, self.tok.encode, torch.as_tensor(self.image[None]),

@@ -4,7 +4,7 @@ import torch
 
 from emu3_train.config import ModelConfig
 from emu3_train.model.decoder import Emu3CausalLM
-from emu3_train.sampling import _last_logits, caption_images, generate_images
+from emu3_train.sampling import caption_images, full_recompute_logits, generate_images
 from emu3_train.tokenizer import load_tokenizer
 from emu3_train.vocab import get_vocab
 
@@ -29,8 +29,8 @@ def test_generated_grid_is_codes_and_deterministic():
 def test_left_padding_does_not_change_logits():
     model = _model()
     short = [V.bos, 97, 98]
-    alone = _last_logits(model, [short], "cpu")
-    padded = _last_logits(model, [short, [V.bos, 1, 2, 3, 4, 5, 6]], "cpu")[0:1]
+    alone = full_recompute_logits(model, [short], "cpu")
+    padded = full_recompute_logits(model, [short, [V.bos, 1, 2, 3, 4, 5, 6]], "cpu")[0:1]
     torch.testing.assert_close(alone, padded, rtol=1e-5, atol=1e-5)
 
 
