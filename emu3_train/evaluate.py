@@ -105,3 +105,15 @@ def evaluate_digits(model, vocab: Vocab, cfg: EvalConfig, train_path: str, run_d
     }
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m emu3_train.evaluate SOURCE --data DIR [--rows N --seq-len L]``: the validation loss
+    of a checkpoint or HF folder on held-out shards (:func:`emu3_train.validation.main`)."""
+    from emu3_train.validation import main as validation_main
+
+    return validation_main(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

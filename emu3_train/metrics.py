@@ -1,6 +1,6 @@
 """Metrics: one console summary line per log interval, and wandb (offline by default).
 
-Keys follow DESIGN.md §4 (``train/loss``, ``train/loss_text``, ``train/loss_vision``,
+Keys follow DESIGN.md §4 (``train/loss``, ``train/loss_text``, ``train/loss_vision``, ``val/loss``,
 ``perf/tokens_per_s``, ``perf/tokens_per_s_per_gpu``, ``perf/mfu``, ``perf/mem_gb``, ``data/fill``,
 ...). With ``wandb.mode=offline`` (default) wandb writes to ``<run_dir>/wandb`` and opens no
 connection; ``disabled`` logs to the console only; ``online`` syncs
@@ -118,6 +118,19 @@ def window_means(steps: list[dict]) -> dict:
         values = [m[k] for m in steps if math.isfinite(m[k])]
         out[k] = sum(values) / len(values) if values else float("nan")
     return out
+
+
+def interval_metrics(steps: list[dict], seconds: float, dp: int, world_size: int) -> dict:
+    """The summary of a log interval's steps (``StepWindow.read`` dicts) taking ``seconds``: mean
+    losses and grad norm, last lr, skipped steps, throughput (``dp`` replicas on ``world_size``
+    ranks; ``tokens`` counts one replica's rows) and packing fill."""
+    tokens = sum(m["tokens"] for m in steps)
+    return {**window_means(steps), "train/lr": steps[-1]["train/lr"],
+            "train/skipped_steps": sum(m["train/skipped_step"] for m in steps),
+            "perf/tokens_per_s": tokens * dp / seconds,
+            "perf/tokens_per_s_per_gpu": tokens * dp / world_size / seconds,
+            "data/fill": 1.0 - sum(m["pad"] for m in steps) / max(1, tokens),
+            "data/docs_per_row": sum(m["docs"] for m in steps) / max(1, sum(m["rows"] for m in steps))}
 
 
 class PerfMeter:

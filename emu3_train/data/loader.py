@@ -206,7 +206,7 @@ class PackedLoader:
     def batch_of(self, rows: list[list[Piece]]) -> dict:
         """The batch of any ``rows`` of this stream (validation: a fixed set of rows), read now;
         ``on_bad_sample`` as for the stream's own batches (a bad document's room becomes padding)."""
-        return self._load(rows)[0]
+        return self._load(rows, 0)[0]  # no caption dropout here: the validator's loader has none
 
     def _submit(self) -> None:
         rows = self._rank_rows(self._submitted)
