@@ -33,6 +33,8 @@ document gets a ``warning:`` line naming it.
     python -m emu3_train.data_pipelines.tokenize_text --input corpus/ notes.txt --out data/text
     torchrun --nproc-per-node 16 -m emu3_train.data_pipelines.tokenize_text \\
         --input 'c4/en/c4-train.{00000..01023}-of-01024.json.gz' --out data/c4
+    srun --ntasks 64 python -m emu3_train.data_pipelines.tokenize_text \\
+        --input parquet/ --field content --out data/code
 
 Library: ``tokenize_corpus(inputs, out_dir) -> TextRun`` (what the CLI does, for one worker);
 ``tokenize_file(path, out_dir, tokenizer) -> stats`` (one input). ``write_shards`` remains for
@@ -74,7 +76,8 @@ class TextRun:
     already_done: int = 0  # of those, complete before this run (skipped)
     documents: int = 0
     tokens: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of tokenizing and writing (the tokenizer already loaded)
+    cpu_seconds: float = 0.0  # this process's CPU time over the same span
     skips: Skips = field(default_factory=Skips)
     empty_inputs: list[str] = field(default_factory=list)  # "path: no documents (why)"
     stats: list[dict] = field(default_factory=list)  # NAME.stats.json of each input written
@@ -157,7 +160,9 @@ def tokenize_corpus(inputs: str | os.PathLike | Sequence, out_dir: str | os.Path
 
         bar = tqdm(desc=f"tokenizing ({worker})", unit="tok", unit_scale=True, file=sys.stderr,
                    mininterval=1.0 if sys.stderr.isatty() else 60.0)
-    start = time.perf_counter()
+    import webdataset  # noqa: F401 - the shard writer's import (torch) happens before the clock starts
+
+    start, cpu_start = time.perf_counter(), time.process_time()
     try:
         for i, path in enumerate(mine):
             name = input_name(path)
@@ -184,6 +189,7 @@ def tokenize_corpus(inputs: str | os.PathLike | Sequence, out_dir: str | os.Path
         if bar is not None:
             bar.close()
         run.seconds = time.perf_counter() - start
+        run.cpu_seconds = time.process_time() - cpu_start
     return run
 
 
