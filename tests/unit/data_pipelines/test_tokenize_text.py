@@ -196,21 +196,26 @@ def _corpus(src) -> None:
     pq.write_table(rows, src / "p.parquet", row_group_size=3)
 
 
-def test_two_workers_write_disjoint_outputs_whose_union_is_one_workers(tmp_path, tok, capsys):
+def test_two_workers_write_disjoint_outputs_whose_union_is_one_workers(tmp_path, tok, capsys, monkeypatch):
     src = tmp_path / "in"
     _corpus(src)
     both, one = tmp_path / "both", tmp_path / "one"
-    assert main(["--input", str(src), "--out", str(both), "--rank", "1", "--world-size", "2",
-                 "--max-count", "2"]) == 0
+    monkeypatch.setenv("SLURM_PROCID", "1")  # rank 1 of 2 from slurm's environment
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    assert main(["--input", str(src), "--out", str(both), "--max-count", "2"]) == 0
     assert "from 3 inputs (0 already done)" in capsys.readouterr().out
     mine1 = {p.name for p in both.iterdir()}
     assert sorted(p.name for p in both.glob("*.stats.json")) == ["00001.stats.json", "00003.stats.json",
                                                                  "p.stats.json"]
     assert all(name.split("-")[0].split(".")[0] in ("00001", "00003", "p") for name in mine1)
-    run0 = tokenize_corpus(src, both, tokenizer=tok, worker=Worker(0, 2, "args"), max_count=2)
-    assert [s["name"] for s in run0.stats] == ["00000", "00002", "00004"]
-    assert not {f for s in run0.stats for f in s["shards"]} & mine1
-    tokenize_corpus(src, one, tokenizer=tok, max_count=2)
+    assert main(["--input", str(src), "--out", str(both), "--max-count", "2", "--rank", "0",
+                 "--world-size", "2"]) == 0  # the arguments win over the environment
+    stats0 = {p.name for p in both.glob("*.stats.json")} - mine1
+    assert sorted(stats0) == ["00000.stats.json", "00002.stats.json", "00004.stats.json"]
+    monkeypatch.delenv("SLURM_PROCID")
+    monkeypatch.delenv("SLURM_NTASKS")
+    run = tokenize_corpus(src, one, tokenizer=tok, max_count=2)  # worker 0 of 1
+    assert (run.worker, run.inputs) == (Worker(0, 1, "single"), 6)
     assert docs_of(both) == docs_of(one) and len(docs_of(one)) == 3 + 4 + 5 + 6 + 7 + 7
     assert sorted(p.name for p in both.iterdir()) == sorted(p.name for p in one.iterdir())
 
