@@ -78,7 +78,8 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, docs: Documents, kv=None):
         """x [B, S, H], cos/sin [B, S, D] -> [B, S, H]; ``kv``: this layer's KV cache (generation)."""
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), (cos, sin), docs, kv))
+        # kv by keyword: tensor parallelism prepares the three positional inputs only
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), (cos, sin), docs, kv=kv))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
