@@ -58,7 +58,6 @@ from emu3_train.tokenizer import load_tokenizer
 from emu3_train.vocab import PRESETS, get_vocab
 
 from ._cli import run_cli
-from .doc_writer import DocWriter  # noqa: F401 - tokenize_images' old import, until it writes shards
 from .shard_output import DEFAULT_MAX_COUNT, DEFAULT_MAX_SIZE, ShardSetWriter, is_done, stats_path
 from .text_inputs import SUFFIXES, input_format, read_texts
 from .work import ON_ERROR, Skips, Worker, expand_inputs, input_name, my_share, worker_identity
