@@ -114,3 +114,29 @@ def read_docs(out_dir: Path) -> dict[str, tuple[list[int], dict]]:
             assert f"{name}/{key}" not in docs, f"{key} written twice"
             docs[f"{name}/{key}"] = (decode_tokens(parts["tokens.npy"]).tolist(), decode_meta(parts["json"]))
     return docs
+
+
+def pan_frames(n: int, size=(40, 56)) -> list[np.ndarray]:
+    """``n`` RGB frames panning across scikit-image's coffee photo (a real scene that moves)."""
+    from skimage import data
+
+    h, w = size
+    photo = np.asarray(Image.fromarray(data.coffee()).resize((w * 3, h * 2), Image.BICUBIC))
+    return [photo[:h, (2 * i) % (2 * w):(2 * i) % (2 * w) + w].copy() for i in range(n)]
+
+
+def write_video(fmt: str, codec: str, frames: int, rate: int, size=(40, 56), options=None) -> bytes:
+    """A video of ``frames`` pan frames at ``rate`` fps written by PyAV (mp4 / webm / mkv / mov)."""
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=fmt) as out:
+        stream = out.add_stream(codec, rate=rate, options=options or {})
+        stream.height, stream.width = size
+        stream.pix_fmt = "yuv420p"
+        for frame in pan_frames(frames, size):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buf.getvalue()
