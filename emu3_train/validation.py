@@ -5,9 +5,11 @@
 
 **Rows.** ``eval.val_path`` (with ``eval.val_blend``, "WEIGHT:DIR" entries as ``data.blend``) is
 packed by the training planner (``plan.RowStream``: ``data.seq_len``, ``data.pack_window``,
-oversize documents skipped) with the seed ``eval.val_seed``, and its first ``eval.val_rows`` global
-rows are the validation set: planned from the indexes alone, identical on every rank, at every
-validation and under any layout. Data-parallel rank r evaluates rows r, r + dp, r + 2·dp, ... in
+oversize documents skipped) with the seed ``eval.val_seed``; ``eval.val_rows`` rows drawn (by that
+seed) from the packing windows its first ``eval.val_rows`` rows fall in are the validation set
+(:func:`held_out_rows`): planned from the indexes alone, identical on every rank, at every
+validation and under any layout. More rows than the held-out set fills wrap into its next epoch.
+Data-parallel rank r evaluates the set's rows r, r + dp, r + 2·dp, ... in
 micro-batches of ``data.micro_batch_size`` rows; a rank with fewer rows adds empty rows (all
 padding, weight 0), so every rank runs the same number of forwards (FSDP2 gathers in each).
 cp and tp ranks of one replica take the same rows and split them as in training (the step plan).
@@ -68,6 +70,18 @@ def format_validation(step: int | None, metrics: dict, names: list[str]) -> str:
     return line
 
 
+def held_out_rows(stream, rows: int, seed: int) -> list[int]:
+    """The global row numbers of the validation set: ``rows`` of the rows of the packing windows
+    that the first ``rows`` rows fall in, drawn by ``default_rng([seed, 0x7A1])`` (best-fit
+    decreasing emits a window's longest documents first, so its first rows are no sample)."""
+    last = stream.seed_at(rows - 1).window
+    end = rows
+    while stream.seed_at(end).window == last:
+        end += 1
+    picked = np.random.default_rng([seed, 0x7A1]).choice(end, size=rows, replace=False)
+    return sorted(int(k) for k in picked)
+
+
 class Validator:
     """The fixed held-out rows of this data-parallel rank, and the loss of a model on them.
 
@@ -89,7 +103,7 @@ class Validator:
         self.loader = PackedLoader(sources, seq_len=seq_len, micro_batch_size=1, seed=seed,
                                    vision_weight=vision_weight, pack_window=pack_window, weights=weights,
                                    task_weights=task_weights)
-        self.rows = [self.loader.row(k) for k in range(rows)]
+        self.rows = [self.loader.row(k) for k in held_out_rows(self.loader.stream, rows, seed)]
         per_rank = math.ceil(rows / dp_size)
         forwards = math.ceil(per_rank / micro_batch_size)  # the same on every rank
         mine = self.rows[dp_rank::dp_size]
