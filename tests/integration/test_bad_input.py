@@ -17,6 +17,7 @@ from emu3_train.data.index import build_index, read_index, write_index
 from emu3_train.vocab import get_vocab
 
 FAST = ["experiment=demo", "trainer.max_steps=2", "wandb.mode=disabled", "eval.task=none",
+        "eval.val_path=null",  # the shards made here have no held-out split next to them
         "data.seq_len=256", "data.micro_batch_size=1", "data.global_batch_size=1"]
 
 
