@@ -14,8 +14,8 @@ micro-batches of ``data.micro_batch_size`` rows; a rank with fewer rows adds emp
 padding, weight 0), so every rank runs the same number of forwards (FSDP2 gathers in each).
 cp and tp ranks of one replica take the same rows and split them as in training (the step plan).
 
-**Numbers.** The loss weights are the training ones (class weights, understanding images 0,
-``loss_spans``, ``loss.task_weights``):
+**Numbers.** The documents and loss weights are the training ones (``data.tasks``, class weights,
+understanding images 0, ``loss_spans``, ``loss.task_weights``):
 
 - ``val/loss``: Σ w·CE / Σ w over the whole set (the definition of ``train/loss``);
 - ``val/loss_text``, ``val/loss_vision``: mean CE per counted target of the class (as ``train/*``);
@@ -92,17 +92,18 @@ class Validator:
             ``data.pack_window``.
         micro_batch_size: rows per forward (``data.micro_batch_size``).
         vision_weight, task_weights: ``loss.vision_weight``, ``loss.task_weights``.
+        tasks: ``data.tasks``: the document tasks the run trains on ([] = all), validated alike.
         dp_rank, dp_size: this rank's data-parallel coordinate and the dp size.
     """
 
     def __init__(self, path, blend, vocab: Vocab, *, seq_len: int, rows: int, seed: int = 0,
                  pack_window: int = 256, micro_batch_size: int = 1, vision_weight: float = 0.5,
-                 task_weights: dict | None = None, dp_rank: int = 0, dp_size: int = 1):
+                 task_weights: dict | None = None, tasks=(), dp_rank: int = 0, dp_size: int = 1):
         sources, weights = open_blend(path, blend, vocab)
         self.names = source_names(path, blend)
         self.loader = PackedLoader(sources, seq_len=seq_len, micro_batch_size=1, seed=seed,
                                    vision_weight=vision_weight, pack_window=pack_window, weights=weights,
-                                   task_weights=task_weights)
+                                   task_weights=task_weights, tasks=list(tasks))
         self.rows = [self.loader.row(k) for k in held_out_rows(self.loader.stream, rows, seed)]
         per_rank = math.ceil(rows / dp_size)
         forwards = math.ceil(per_rank / micro_batch_size)  # the same on every rank
@@ -119,7 +120,7 @@ class Validator:
         return cls(e.val_path, e.val_blend, vocab, seq_len=d.seq_len, rows=e.val_rows, seed=e.val_seed,
                    pack_window=d.pack_window, micro_batch_size=d.micro_batch_size,
                    vision_weight=cfg.loss.vision_weight, task_weights=dict(cfg.loss.task_weights),
-                   dp_rank=dp_rank, dp_size=dp_size)
+                   tasks=list(d.tasks), dp_rank=dp_rank, dp_size=dp_size)
 
     def _source_of(self, rows) -> torch.Tensor:
         """int64 ``[B, S]``: the source index of each token (-1 on padding)."""
@@ -199,7 +200,7 @@ def _settings(config: dict, args) -> dict:
             "micro_batch_size": pick(args.micro_batch_size, d, "micro_batch_size",
                                      DataConfig.micro_batch_size),
             "vision_weight": lo.get("vision_weight", LossConfig.vision_weight),
-            "task_weights": lo.get("task_weights") or None,
+            "task_weights": lo.get("task_weights") or None, "tasks": d.get("tasks") or [],
             "bf16": pick(args.precision, t, "precision", TrainerConfig.precision) == "bf16",
             "z_loss": lo.get("z_loss", 0.0), "impl": lo.get("impl", "auto"),
             "chunk_size": lo.get("chunk_size", LossConfig.chunk_size)}
@@ -222,7 +223,7 @@ def evaluate_source(source, data, blend=(), device="cpu", args=None) -> tuple[di
     s = _settings(src.config, args)
     validator = Validator(data, list(blend), vocab, seq_len=s["seq_len"], rows=s["rows"], seed=s["seed"],
                           pack_window=s["pack_window"], micro_batch_size=s["micro_batch_size"],
-                          vision_weight=s["vision_weight"], task_weights=s["task_weights"])
+                          vision_weight=s["vision_weight"], task_weights=s["task_weights"], tasks=s["tasks"])
     ctx = StepContext(bf16=s["bf16"], vision_start=vocab.vision_start, z_loss=s["z_loss"], impl=s["impl"],
                       chunk_size=s["chunk_size"])
     metrics = validator(src.model, StepPlan(device=torch.device(device)), ctx)
