@@ -3,10 +3,13 @@
 - ``t2i_accuracy``: ``samples_per_class`` digits are generated for each prompt "a handwritten digit
   {word}"; an independent classifier (scikit-learn logistic regression trained on the *training*
   shards' images, never on model output) must label each as the prompted digit.
+  ``t2i_accuracy_guided``: the same prompts and seed with classifier-free guidance
+  (``eval.guidance_scale`` against the empty caption, which ``data.caption_dropout`` trains).
 - ``i2t_accuracy``: each held-out image (``eval.path`` shards) is captioned greedily; the caption
   must name the right digit word and no other.
 
-Writes ``samples.png`` (one row per prompted digit, 8x upscaled square pixels, ink dark on white).
+Writes ``samples.png`` and ``samples_guided.png`` (one row per prompted digit, 8x upscaled square
+pixels, ink dark on white). Deterministic: every draw comes from generators seeded with 0.
 """
 
 from __future__ import annotations
@@ -83,12 +86,19 @@ def evaluate_digits(model, vocab: Vocab, cfg: EvalConfig, train_path: str, run_d
 
     n = cfg.samples_per_class
     prompts = [f"a handwritten digit {DIGIT_WORDS[d]}" for d in range(10) for _ in range(n)]
-    codes = generate_images(model, vocab, tok.encode, prompts, h, w, temperature=cfg.temperature,
-                            top_k=cfg.top_k, seed=0, device=device).numpy()
-    predicted = clf.predict(codes.reshape(len(codes), -1) / max_level)
     wanted = np.repeat(np.arange(10), n)
-    t2i = float(np.mean(predicted == wanted))
+
+    def t2i(guidance_scale: float) -> tuple[float, np.ndarray]:
+        codes = generate_images(model, vocab, tok.encode, prompts, h, w, temperature=cfg.temperature,
+                                top_k=cfg.top_k, top_p=cfg.top_p, guidance_scale=guidance_scale, seed=0,
+                                device=device).numpy()
+        predicted = clf.predict(codes.reshape(len(codes), -1) / max_level)
+        return float(np.mean(predicted == wanted)), codes
+
+    accuracy, codes = t2i(1.0)  # no guidance
+    accuracy_guided, codes_guided = t2i(cfg.guidance_scale)
     save_grid(codes.reshape(10, n, h, w), max_level, run_dir / "samples.png")
+    save_grid(codes_guided.reshape(10, n, h, w), max_level, run_dir / "samples_guided.png")
 
     eval_images, eval_labels = _images(ShardSet(cfg.path, vocab), vocab, tok.decode, "i2t")
     captions = caption_images(model, vocab, tok.encode, torch.as_tensor(eval_images), device=device)
@@ -96,11 +106,12 @@ def evaluate_digits(model, vocab: Vocab, cfg: EvalConfig, train_path: str, run_d
     i2t = float(np.mean([s == {int(y)} for s, y in zip(named, eval_labels)]))
 
     result = {
-        "t2i_accuracy": t2i, "i2t_accuracy": i2t,
+        "t2i_accuracy": accuracy, "t2i_accuracy_guided": accuracy_guided, "i2t_accuracy": i2t,
         "t2i_samples": int(len(codes)), "i2t_images": int(len(eval_images)),
         "classifier_train_accuracy": float(clf.score(train_images.reshape(len(train_images), -1)
                                                      / max_level, train_labels)),
-        "temperature": cfg.temperature, "top_k": cfg.top_k,
+        "temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p,
+        "guidance_scale": cfg.guidance_scale,
         "example_captions": [tok.decode(c) for c in captions[:5]],
     }
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
