@@ -171,7 +171,8 @@ class RowStream:
                 raise ValueError(f"{src.path} has no task codes to filter by tasks={list(tasks)}")
             drop = ~np.isin(codes, keep)
             if drop.all():
-                raise ValueError(f"no document of {src.path} has a task in {list(tasks)}; nothing to train on")
+                raise ValueError(f"no document of {src.path} has a task in {list(tasks)}; nothing to "
+                                 "train on")
             parts.append(drop)
         return np.concatenate(parts)
 

@@ -141,7 +141,8 @@ def test_loss_with_spans_equals_a_naive_masked_ce(vocab):
                 p = piece.start + i + 1
                 inside = piece.doc_id not in spans or any(s <= p < e for s, e in spans[piece.doc_id])
                 w = (2.0 if piece.doc_id == 2 else 1.0) * inside
-                ce = torch.nn.functional.cross_entropy(logits[r, o + i], torch.tensor(int(docs[piece.doc_id][p])))
+                target = torch.tensor(int(docs[piece.doc_id][p]))
+                ce = torch.nn.functional.cross_entropy(logits[r, o + i], target)
                 num, den = num + w * float(ce), den + w
             o += piece.length
     assert float(loss) == pytest.approx(num / den, rel=1e-5)
