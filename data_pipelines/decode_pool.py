@@ -19,9 +19,10 @@ Image modes, to 8-bit RGB (Pillow decodes; the EXIF orientation is applied first
   32-bit ``I`` values above 65,535 and ``F`` images are scaled by their own maximum;
 - 1, L, YCbCr, LAB, HSV, RGB: Pillow's ``convert("RGB")``.
 
-Filters (on the oriented size before resizing; counted, never errors): ``too_small`` (shorter side
-below ``min_side``), ``too_wide`` (longer / shorter side above ``max_aspect``, or above 200, which
-Emu3's resize refuses); video ``too_short`` / ``too_long`` (``data_pipelines.video``).
+Filters (on the oriented size before resizing, for images, frames and video frames alike;
+counted, never errors): ``too_small`` (shorter side below ``min_side``), ``too_wide`` (longer /
+shorter side above ``max_aspect``, or above 200, which Emu3's resize refuses); video
+``too_short`` / ``too_long`` (``data_pipelines.video``).
 
     with DecodePool(workers=4) as pool:
         for item, prepared in pool.map(items, spec): ...
