@@ -7,7 +7,8 @@
     python -m emu3_train.data_pipelines.tokenize_images --images photos/ --captions captions.jsonl \\
         --vq /models/Emu3-VisionTokenizer-hf --out data/photos
     # one node, one worker per GPU
-    torchrun --nproc-per-node 8 -m emu3_train.data_pipelines.tokenize_images --input 'laion/{00000..00999}.tar' ...
+    torchrun --nproc-per-node 8 -m emu3_train.data_pipelines.tokenize_images \\
+        --input 'laion/{00000..00999}.tar' --vq /models/Emu3-VisionTokenizer-hf --out data/laion
 
 Inputs (``data_pipelines.image_inputs``): each tar is one input shard; a folder's sorted items are
 cut into input shards of ``--items-per-shard``. Output (``data_pipelines.shard_output``): for
@@ -113,10 +114,12 @@ class ImageTokenizer:
             raise ValueError(f"the VQ-VAE has {vt.codebook_size} codes, vocabulary {vocab.name!r} only "
                              f"{vocab.codebook_size}")
         if spec.temporal != vt.temporal:
-            raise ValueError(f"clips are cut for a temporal factor {spec.temporal}, the VQ-VAE has {vt.temporal}")
+            raise ValueError(f"clips are cut for a temporal factor {spec.temporal}, the VQ-VAE has "
+                             f"{vt.temporal}")
         self.vt, self.vocab, self.encode, self.spec = vt, vocab, tokenizer.encode, spec
         self.out_dir, self.tasks, self.on_error = Path(out_dir), tuple(tasks), on_error
-        self.caption_keys, self.batch_window, self.max_shard_docs = tuple(caption_keys), batch_window, max_shard_docs
+        self.caption_keys, self.batch_window = tuple(caption_keys), batch_window
+        self.max_shard_docs = max_shard_docs
         self.skips = Skips(on_error)
         self.counts: Counter = Counter()  # images, clips, documents, tokens, inputs, inputs_done_before
 
@@ -135,7 +138,8 @@ class ImageTokenizer:
             meta["start"] = round(clip.start, 6)
         return f"{item.key}-clip{index:02d}", tokens, meta
 
-    def run_shard(self, shard: InputShard, pool: DecodePool, progress: Callable[[int], None] | None = None) -> dict:
+    def run_shard(self, shard: InputShard, pool: DecodePool,
+                  progress: Callable[[int], None] | None = None) -> dict:
         """Tokenize one input shard into its shard set; returns its stats (``NAME.stats.json``)."""
         skips = Skips(self.on_error)
         counts: Counter = Counter()
@@ -159,10 +163,12 @@ class ImageTokenizer:
                     progress(1)
             batcher.flush()
             if order.ready:
-                raise RuntimeError(f"{shard.name}: documents of items {sorted(order.ready)[:3]} were never written")
+                raise RuntimeError(f"{shard.name}: documents of items {sorted(order.ready)[:3]} were "
+                                   "never written")
             stats = writer.finish({"images": counts["images"], "clips": counts["clips"],
                                    "tail_frames_dropped": counts["tail_frames_dropped"],
-                                   "skipped": dict(sorted(skips.counts.items())), "skipped_items": skips.items})
+                                   "skipped": dict(sorted(skips.counts.items())),
+                                   "skipped_items": skips.items})
         self.skips.merge(skips)
         self.counts.update(counts)
         self.counts.update(documents=stats["documents"], tokens=stats["tokens"], inputs=1)
@@ -195,10 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Tokenize captioned images and videos (webdataset tars or a folder) into t2i / i2t / "
                     "video documents in token shards, with Emu3's image processor and VQ-VAE.",
-        epilog="examples:\n  python -m emu3_train.data_pipelines.tokenize_images --input 'laion/{00000..00099}.tar' "
-               "--vq /models/Emu3-VisionTokenizer-hf --out data/laion\n"
-               "  python -m emu3_train.data_pipelines.tokenize_images --images photos/ --captions captions.jsonl "
-               "--vq /models/Emu3-VisionTokenizer-hf --out data/photos",
+        epilog="examples:\n  python -m emu3_train.data_pipelines.tokenize_images "
+               "--input 'laion/{00000..00099}.tar' --vq /models/Emu3-VisionTokenizer-hf --out data/laion\n"
+               "  python -m emu3_train.data_pipelines.tokenize_images --images photos/ "
+               "--captions captions.jsonl --vq /models/Emu3-VisionTokenizer-hf --out data/photos",
     )
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", type=Path, metavar="DIR",
@@ -206,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--input", nargs="+", metavar="PATTERN_OR_DIR",
                      help="webdataset tars (img2dataset layout): files, brace patterns, globs or directories")
     parser.add_argument("--captions", type=Path, default=None,
-                        help='for --images: JSON lines {"image": NAME, "caption": TEXT} (default: sidecar NAME.txt)')
+                        help='for --images: JSON lines {"image": NAME, "caption": TEXT} '
+                             '(default: sidecar NAME.txt)')
     parser.add_argument("--caption-key", default=",".join(DEFAULT_CAPTION_KEYS),
                         help="for tars: where the caption is, first found wins: txt, json:FIELD, ... "
                              "(default txt,json:caption)")
@@ -220,10 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"documents per output tar (default {DEFAULT_MAX_COUNT})")
     parser.add_argument("--min-pixels", type=int, default=None, help="resize floor (default: processor's)")
     parser.add_argument("--max-pixels", type=int, default=None, help="resize ceiling (default: processor's)")
-    parser.add_argument("--min-side", type=int, default=0, help="drop images whose shorter side is below this")
+    parser.add_argument("--min-side", type=int, default=0,
+                        help="drop images whose shorter side is below this (pixels)")
     parser.add_argument("--max-aspect", type=float, default=None,
-                        help="drop images whose long/short side ratio is above this (Emu3's resize caps it at 200)")
-    parser.add_argument("--fps", type=float, default=8.0, help="video frames per second after resampling (default 8)")
+                        help="drop images whose long/short side ratio is above this "
+                             "(Emu3's resize caps it at 200)")
+    parser.add_argument("--fps", type=float, default=8.0,
+                        help="video frames per second after resampling (default 8)")
     parser.add_argument("--max-frames", type=int, default=32,
                         help="frames per video clip, a multiple of the VQ's temporal factor 4 (default 32)")
     parser.add_argument("--min-duration", type=float, default=0.0, help="drop videos shorter than this (s)")
@@ -232,13 +242,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-window", type=int, default=64,
                         help="images waiting for a full same-shape batch before a partial one is encoded")
     parser.add_argument("--workers", type=int, default=2, help="decode processes (0: decode in this process)")
-    parser.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if present, else cpu), cpu, cuda:1, ...")
+    parser.add_argument("--device", default="auto",
+                        help="auto (cuda:LOCAL_RANK if present, else cpu), cpu, cuda:1, ...")
     parser.add_argument("--on-error", choices=ON_ERROR, default="skip",
                         help="bad items: skip and count them (default), or stop with one error line")
-    parser.add_argument("--rank", type=int, default=None, help="this worker (default: torchrun/slurm env, else 0)")
-    parser.add_argument("--world-size", type=int, default=None, help="number of workers (default: env, else 1)")
+    parser.add_argument("--rank", type=int, default=None,
+                        help="this worker (default: torchrun/slurm env, else 0)")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="number of workers (default: env, else 1)")
     parser.add_argument("--tokenizer", type=Path, default=None, help="a .tiktoken file for the captions")
-    parser.add_argument("--vocab", default="emu3", choices=sorted(PRESETS), help="vocabulary preset (default emu3)")
+    parser.add_argument("--vocab", default="emu3", choices=sorted(PRESETS),
+                        help="vocabulary preset (default emu3)")
     return parser
 
 
@@ -268,12 +282,13 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()
     vocab = get_vocab(args.vocab)
-    vt = VisionTokenizer(args.vq, local_device(args.device), args.min_pixels, args.max_pixels, args.batch_size)
+    vt = VisionTokenizer(args.vq, local_device(args.device), args.min_pixels, args.max_pixels,
+                         args.batch_size)
     check_clip_args(args.fps, args.max_frames, vt.temporal)
     spec = DecodeSpec(vt.spec, args.min_side, args.max_aspect, args.fps, args.max_frames, vt.temporal,
                       args.min_duration, args.max_duration)
-    tok = ImageTokenizer(vt, vocab, load_tokenizer(vocab, args.tokenizer), spec, args.out, tasks, args.on_error,
-                         caption_keys, args.batch_window, args.max_shard_docs)
+    tok = ImageTokenizer(vt, vocab, load_tokenizer(vocab, args.tokenizer), spec, args.out, tasks,
+                         args.on_error, caption_keys, args.batch_window, args.max_shard_docs)
     start = time.perf_counter()
     total = sum(len(s.entries) for s in todo) if all(not s.is_tar for s in todo) else None
     bar = tqdm(total=total, desc=f"{worker} on {vt.device}", unit="item", file=sys.stderr)

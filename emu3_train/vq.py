@@ -85,7 +85,7 @@ class ResizeSpec:
         return h_bar, w_bar
 
     def resize(self, image) -> np.ndarray:
-        """uint8 ``[H, W, 3]`` of an RGB PIL image (or uint8 ``[H0, W0, 3]`` array) at :meth:`resized_shape`."""
+        """uint8 ``[H, W, 3]`` of an RGB PIL image (or uint8 ``[H0, W0, 3]``) at :meth:`resized_shape`."""
         from PIL import Image
 
         if isinstance(image, np.ndarray):
@@ -134,10 +134,12 @@ class VisionTokenizer:
         if not (vq_path / "config.json").is_file():
             raise FileNotFoundError(f"{vq_path}: not a saved Emu3VQVAE (no config.json)")
         spec = _processor_spec(vq_path)
-        spec = dataclasses.replace(spec, min_pixels=spec.min_pixels if min_pixels is None else int(min_pixels),
-                                   max_pixels=spec.max_pixels if max_pixels is None else int(max_pixels))
+        spec = dataclasses.replace(
+            spec, min_pixels=spec.min_pixels if min_pixels is None else int(min_pixels),
+            max_pixels=spec.max_pixels if max_pixels is None else int(max_pixels))
         if not 0 < spec.min_pixels <= spec.max_pixels:
-            raise ValueError(f"need 0 < min_pixels <= max_pixels, got {spec.min_pixels} and {spec.max_pixels}")
+            raise ValueError(f"need 0 < min_pixels <= max_pixels, got {spec.min_pixels} and "
+                             f"{spec.max_pixels}")
         self.spec = spec
         self.device = _pick_device(device)
         vq, info = Emu3VQVAE.from_pretrained(vq_path, output_loading_info=True)

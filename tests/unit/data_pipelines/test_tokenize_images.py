@@ -148,7 +148,8 @@ def test_truncated_tar_keeps_the_complete_samples_before_the_damage(files, vq_di
     assert "truncated_input 2" in summary
     cut_stats, tail_stats = read_stats(out, "cut"), read_stats(out, "tail")
     assert cut_stats["documents"] == 2 and cut_stats["skipped"] == {"truncated_input": 1}
-    assert str(cut) in cut_stats["skipped_items"][0] and "after sample 000000001" in cut_stats["skipped_items"][0]
+    damage, = cut_stats["skipped_items"]
+    assert str(cut) in damage and "after sample 000000001" in damage
     assert tail_stats["documents"] == 3  # the last sample cannot be known complete
     keys = [m["source"] for _, m in read_docs(out).values()]
     assert keys == ["cut/000000000", "cut/000000001", "tail/000000000", "tail/000000001", "tail/000000002"]
@@ -158,7 +159,8 @@ def test_caption_key_picks_the_json_field(files, vq_dir, tmp_path):
     key, (data, ext) = next(iter(files.items()))
     meta = {"caption": "from json", "alt": {"text": "nested alt text"}}
     write_tar(tmp_path / "a.tar", [(key, {ext: data, "txt": b"from txt", "json": json.dumps(meta).encode()})])
-    for spec, expected in (("txt", "from txt"), ("json:caption", "from json"), ("json:alt.text", "nested alt text")):
+    for spec, expected in (("txt", "from txt"), ("json:caption", "from json"),
+                           ("json:alt.text", "nested alt text")):
         out = tmp_path / spec.replace(":", "_")
         assert main(["--input", str(tmp_path / "a.tar"), "--vq", str(vq_dir), "--out", str(out), *SIZE_ARGS,
                      "--workers", "0", "--tasks", "i2t", "--caption-key", spec]) == 0
@@ -258,6 +260,7 @@ def test_vq_without_its_weights_is_refused_not_randomly_initialized(vq_dir, tmp_
 
     bad = shutil.copytree(vq_dir, tmp_path / "vq")
     weights = load_file(bad / "model.safetensors")
-    save_file({k: v for k, v in weights.items() if not k.startswith("encoder.conv_in.")}, bad / "model.safetensors")
+    kept = {k: v for k, v in weights.items() if not k.startswith("encoder.conv_in.")}
+    save_file(kept, bad / "model.safetensors")
     with pytest.raises(ValueError, match="2 Emu3VQVAE weights are missing or mismatched"):
         VisionTokenizer(bad, device="cpu")

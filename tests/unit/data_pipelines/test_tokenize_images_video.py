@@ -5,7 +5,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from image_data import MAX_PIXELS, MIN_PIXELS, SIZE_ARGS, encode, make_vq, pan_frames, read_docs, write_tar, write_video
+from image_data import (
+    MAX_PIXELS,
+    MIN_PIXELS,
+    SIZE_ARGS,
+    encode,
+    make_vq,
+    pan_frames,
+    read_docs,
+    write_tar,
+    write_video,
+)
 from PIL import Image
 
 from emu3_train.layout import parse_vision_block_meta, vision_spans
