@@ -179,12 +179,14 @@ def frame_tokens(vocab: Vocab, codes: np.ndarray, encode: Encode) -> list[int]:
 
 
 def image_prompt(vocab: Vocab, encode: Encode, caption: str | Sequence[int], height: int, width: int,
-                 frames: int = 1) -> list[int]:
+                 frames: int = 1, fps: float | None = None, duration: float | None = None) -> list[int]:
     """``BOS caption SOV meta SOT`` of an h x w image (``frames`` > 1: a video block of that many
-    frames); ``caption`` text or token ids; ``""`` is the empty caption (the unconditional prompt)."""
+    frames); ``caption`` text or token ids; ``""`` is the empty caption (the unconditional prompt).
+    ``fps`` and ``duration`` (seconds): the video meta ``"T*h*w {fps}fps {duration}s"``
+    (``layout.vision_block``), as video documents are tokenized; without them the meta is ``"h*w"``."""
     ids = encode(caption) if isinstance(caption, str) else list(caption)
-    shape = (height, width) if frames == 1 else (frames, height, width)
-    block = vision_block(vocab, np.zeros(shape, np.int64), encode)
+    shape = (height, width) if frames == 1 and fps is None else (frames, height, width)
+    block = vision_block(vocab, np.zeros(shape, np.int64), encode, fps=fps, duration=duration)
     return [vocab.bos, *ids, *block[:block.index(vocab.sot) + 1]]
 
 
@@ -200,7 +202,8 @@ def generate_vision(model, vocab: Vocab, prompts: Sequence[Sequence[int]], heigh
                     frames: int = 1, sampling: Sampling = Sampling(),
                     negative: Sequence[Sequence[int]] | None = None, prefix: np.ndarray | None = None,
                     encode: Encode | None = None, seed: int = 0,
-                    device="cpu", sync: Callable | None = None, length_multiple: int = 1) -> torch.Tensor:
+                    device="cpu", sync: Callable | None = None, length_multiple: int = 1,
+                    progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """Visual codes int64 [n, frames, height, width] (CPU) generated after each of n prompts.
 
     ``prompts``: token ids ending with the vision block's SOT (:func:`image_prompt`; its meta
@@ -208,6 +211,8 @@ def generate_vision(model, vocab: Vocab, prompts: Sequence[Sequence[int]], heigh
     (their tokens are appended to every prompt, ``encode`` is then needed for ``frame_tokens``);
     the ``frames`` new frames follow them. ``negative``: n unconditional prompts, needed when
     ``sampling.guidance_scale != 1`` (the prefix frames are appended to them too).
+    ``progress``: called with 1 after each generated position (codes and placed EOL/EOF alike; a
+    progress bar's tokens/s), on the host, without a device sync.
     """
     if height < 1 or width < 1 or frames < 1:
         raise ValueError(f"a {frames} x {height} x {width} grid is empty: frames, height and width "
@@ -255,6 +260,8 @@ def generate_vision(model, vocab: Vocab, prompts: Sequence[Sequence[int]], heigh
                 token = placed[item]
             if i + 1 < len(schedule):
                 logits = dec.step(token)
+            if progress is not None:
+                progress(1)
     finally:
         model.train(was_training)
     return codes.view(n, frames, height, width).cpu()
@@ -264,11 +271,13 @@ def generate_vision(model, vocab: Vocab, prompts: Sequence[Sequence[int]], heigh
 def generate_text(model, vocab: Vocab, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                   sampling: Sampling = Sampling(temperature=0.0), allowed: torch.Tensor | None = None,
                   stop: Sequence[int] | None = None, seed: int = 0, device="cpu",
-                  sync: Callable | None = None, length_multiple: int = 1) -> list[list[int]]:
+                  sync: Callable | None = None, length_multiple: int = 1,
+                  progress: Callable[[int], None] | None = None) -> list[list[int]]:
     """Token ids generated after each prompt, the stop token excluded, at most ``max_new_tokens``.
 
     ``allowed``: bool [V] of the ids the model may choose (None: all); ``stop``: ids that end a
     sequence (None: ``vocab.eos``). Greedy by default. Sequences run in lockstep until all stopped.
+    ``progress``: called with 1 after each generated position (as in :func:`generate_vision`).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
@@ -294,6 +303,8 @@ def generate_text(model, vocab: Vocab, prompts: Sequence[Sequence[int]], max_new
                 token = sync(token).to(dev)
             out[:, steps - 1] = token
             done |= torch.isin(token, stops)
+            if progress is not None:
+                progress(1)
             if steps == max_new_tokens or bool(done.all()):
                 break
             logits = dec.step(token)
