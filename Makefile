@@ -77,7 +77,7 @@ bench: install
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/shellcheck launch/torchrun.sh launch/slurm.sbatch benchmarks/gpu_check.sh
+	$(VENV)/bin/shellcheck launch/torchrun.sh launch/slurm.sbatch launch/tokenize.sbatch benchmarks/gpu_check.sh
 
 clean:
 	rm -rf runs outputs multirun build *.egg-info .pytest_cache .ruff_cache

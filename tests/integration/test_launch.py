@@ -17,7 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = [REPO / "launch" / "torchrun.sh", REPO / "launch" / "slurm.sbatch",
-           REPO / "benchmarks" / "gpu_check.sh"]
+           REPO / "launch" / "tokenize.sbatch", REPO / "benchmarks" / "gpu_check.sh"]
 FAST = ["experiment=demo", "wandb.mode=disabled", "eval.task=none", "data.seq_len=128",
         "model.num_layers=2", "data.micro_batch_size=1", "data.global_batch_size=2",
         "data.num_workers=0", "checkpoint.async_save=false", "optim.warmup_steps=1"]
