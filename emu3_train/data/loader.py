@@ -25,6 +25,12 @@ the calling thread and batches come out in stream order, identical to ``num_work
 thread (~20M tokens/s on a CPU core, benchmarks/loader.py) hides the reads behind the training
 step; more threads only contend for the GIL.
 
+**Caption dropout.** With ``caption_dropout`` p, a t2i document starting in global row k loses
+its caption (``BOS SOV meta SOT rows ...``: the unconditional prompt of classifier-free guidance)
+when :func:`caption_dropped` (seed, k, doc) draws below p; its freed room is padding. The row
+plan is unchanged and the draw depends on the stream alone, so any dp size, worker count or
+resume sees the same drops.
+
 **Bad samples.** A read that fails its checks (checksum, truncated or missing shard, out-of-vocab
 id, malformed vision block; ``ShardSet.read``) raises ``ShardError`` naming shard and key under
 ``on_bad_sample="error"``. Under ``"skip"`` the batch is still produced, with that document's
