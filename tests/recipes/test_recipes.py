@@ -18,13 +18,17 @@ NEEDS_PATH = ["data.path=/nonexistent/shards"]
 
 INIT = ["checkpoint.init_from=/runs/stage1/ckpt/latest"]
 # world sizes the multi-GPU recipes are meant for (validation checks the layout against them)
-WORLD = {("parallel", "node8"): 8, ("parallel", "nodes"): 32, ("experiment", "stage2"): 64}
+WORLD = {("parallel", "node8"): 8, ("parallel", "nodes"): 32, ("experiment", "stage2"): 64,
+         ("experiment", "sft_i2t"): 64, ("experiment", "sft_chat"): 64}
+POST_TRAINING = ("qft", "sft_i2t", "sft_chat")  # continue an earlier stage: need init_from
 
 
 def _overrides(group: str, name: str) -> list[str]:
     extra = NEEDS_PATH if (group == "data" and name == "shards") else []
     if group == "experiment" and name in ("stage1", "stage2"):
         extra = ["model=emu3_8b", "data=shards", *NEEDS_PATH, *(INIT if name == "stage2" else [])]
+    if group == "experiment" and name in POST_TRAINING:
+        extra = [*NEEDS_PATH, *INIT]
     if (group, name) in WORLD and group == "parallel":  # a cluster preset, with the stage-1 batch
         extra = ["experiment=stage1", "model=emu3_8b", "data=shards", *NEEDS_PATH]
     return [f"{group}={name}", *extra]
@@ -95,6 +99,24 @@ def test_stage_experiments():
     assert demo.eval.task == "digits" and demo.model.name == "tiny"
     accum = layout_of(demo, 1).grad_accum_steps(demo.data.global_batch_size, demo.data.micro_batch_size)
     assert accum * demo.data.micro_batch_size == demo.data.global_batch_size
+
+
+def test_post_training_recipes_continue_an_earlier_stage():
+    for name in (*POST_TRAINING, "demo_chat"):
+        cfg = compose(_overrides("experiment", name))
+        assert cfg.checkpoint.init_required, name
+    for name in POST_TRAINING:
+        cfg = compose(["experiment=" + name, *NEEDS_PATH])
+        assert cfg.model.name == "emu3_8b" and cfg.data.vocab == "emu3", name
+        with pytest.raises(ConfigError, match=r"checkpoint\.init_from is required"):
+            validate(cfg, world_size=WORLD.get(("experiment", name), 1))
+    qft, i2t, chat = (compose(_overrides("experiment", n)) for n in POST_TRAINING)
+    assert qft.data.tasks == ["t2i"] and qft.data.seq_len >= 90 * 91 + 16  # a 720x720 image fits
+    assert i2t.data.tasks == ["i2t", "text"] and i2t.loss.task_weights["t2i"] == 0
+    assert i2t.data.seq_len >= 128 * 129 + 16 and chat.data.seq_len == i2t.data.seq_len  # 1024^2 fits
+    demo = compose(["experiment=demo_chat"])
+    assert demo.checkpoint.init_from == "runs/demo-stage1/ckpt/latest"
+    assert demo.data.path == "data/demo_chat/train" and demo.eval.task == "none"
 
 
 def test_command_line_beats_experiment_defaults():
