@@ -31,6 +31,7 @@ fastest micro-batch) vs the peer's fastest.
     python benchmarks/vs_hf.py --smoke               # seconds: tiny sizes, demo vocabulary, one process
     python benchmarks/vs_hf.py --device cuda --micro 1,2,4 --steps 5  # GPU: bf16, auto attention, Triton CE
     python benchmarks/vs_hf.py --profile             # + torch profiler tables of one step of each side
+    python benchmarks/vs_hf.py --ce-chunk-mib 384    # our CPU CE with 545-row logits chunks (README finding)
 
 Ends with one JSON line: {"ours_<m>": {...}, "hf_<m>": {...}, "loss_ours", "loss_ours_w1",
 "loss_hf", "targets_ours", "targets_hf", "tokens_per_s_ratio", "peak_ratio", "matmul_tflops", ...}.
@@ -123,6 +124,10 @@ def ours(args) -> dict:
 
     cfg, vocab, vsize, device, bf16, packed, mix = setup(args)
     micro = int(args.micro.split(",")[0])
+    if args.ce_chunk_mib:  # experiment: the reference CE's per-chunk logits cap (README, "Against the peer")
+        from emu3_train.kernels import reference
+
+        reference.CHUNK_LOGITS_BYTES = int(args.ce_chunk_mib * 2**20)
     model, plan = build_model(cfg, vsize, ParallelDims(1, 1, 1), None, device, weights=args.hf_dir)
     optimizer = build_optimizer(model, cfg.optim)
     ctx = StepContext(bf16=bf16, vision_start=vocab.vision_start, impl=args.loss_impl)
@@ -285,6 +290,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="of the documents and the initial weights")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one process (a test)")
     parser.add_argument("--profile", action="store_true", help="profile one step of each side (stderr)")
+    parser.add_argument(
+        "--ce-chunk-mib", type=float, default=0, help="our CPU CE's logits cap per chunk (0: kernel's own)"
+    )
     parser.add_argument("--hf-dir", help=argparse.SUPPRESS)  # the exported weights, for the workers
     args = parse_or_serve(parser, SIDES, lambda a: WORKERS[a.impl](a))
     if args is None:

@@ -57,6 +57,11 @@ def _setup_growth(rank, world, overrides):
     cfg = compose([*BIG, *overrides])
     dims = layout_of(cfg, world)
     mesh = build_mesh(dims, "cpu")
+    # a small model of the same layout first: the modules build_model imports and the process group's
+    # first collectives add ~100 MiB of RSS once, which is not set-up memory of the big model
+    small = compose([*SMALL, *overrides])
+    warm, _ = build_model(small, 283, layout_of(small, world), mesh, torch.device("cpu"), rank)
+    del warm
     before = _rss_kib()
     model, _ = build_model(cfg, 283, dims, mesh, torch.device("cpu"), rank)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
@@ -68,7 +73,8 @@ def _setup_growth(rank, world, overrides):
 def test_setup_memory_per_rank_shrinks_with_fsdp():
     one = run_distributed(_setup_growth, 1, ([],))[0]
     assert one["params"] > 95e6
+    assert one["growth_kib"] >= 0.95 * one["params"] * 4 / 1024  # the measurement sees the fp32 weights
     two = run_distributed(_setup_growth, 2, (["parallel.dp=2"],))
     for r in two:
         # each rank holds half the weights plus one full tensor while it is drawn (<= 4 MiB here)
-        assert r["growth_kib"] <= 0.65 * one["growth_kib"], (r, one)
+        assert r["growth_kib"] <= 0.6 * one["growth_kib"], (r, one)  # measured 0.52-0.53
