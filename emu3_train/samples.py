@@ -54,28 +54,25 @@ def first_image(source, vocab: Vocab, decode: Callable) -> np.ndarray | None:
 
 
 class CodeRenderer:
-    """Visual codes ``[n, h, w]`` -> uint8 RGB ``[n, H, W, 3]``: VQ-VAE decode, or gray levels."""
+    """Visual codes ``[n, h, w]`` -> uint8 RGB ``[n, H, W, 3]``: the VQ-VAE's decoder
+    (``emu3_train.vq.VisionTokenizer.decode``, the module ``tokenize_images`` and ``generate`` use), or
+    one gray level per code (exact for the demo's 17 gray levels)."""
 
     def __init__(self, codebook_size: int, vq_path: str | None = None, device="cpu", scale: int = 8):
-        self.codebook_size, self.device, self.scale = codebook_size, torch.device(device), scale
+        self.codebook_size, self.scale = codebook_size, scale
         self.vq = None
         if vq_path:
-            from transformers import Emu3VQVAE
+            from emu3_train.vq import VisionTokenizer
 
-            if not (Path(vq_path) / "config.json").is_file():
-                raise FileNotFoundError(f"sample.vq_path={vq_path}: not a saved Emu3VQVAE (no config.json)")
-            self.vq = Emu3VQVAE.from_pretrained(vq_path).eval().to(self.device)
-            if self.vq.config.codebook_size != codebook_size:
+            self.vq = VisionTokenizer(vq_path, device=str(device))
+            if self.vq.codebook_size != codebook_size:
                 raise ValueError(f"sample.vq_path={vq_path} has codebook_size "
-                                 f"{self.vq.config.codebook_size}, the vocabulary {codebook_size}")
+                                 f"{self.vq.codebook_size}, the vocabulary {codebook_size}")
 
-    @torch.no_grad()
     def __call__(self, codes: np.ndarray) -> np.ndarray:
         codes = np.asarray(codes)
         if self.vq is not None:
-            pixels = self.vq.decode(torch.as_tensor(codes, dtype=torch.long, device=self.device))
-            rgb = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-            return rgb.permute(0, 2, 3, 1).cpu().numpy()
+            return self.vq.decode(codes)
         gray = (255 - codes * 255 // max(1, self.codebook_size - 1)).astype(np.uint8)  # ink dark
         gray = gray.repeat(self.scale, axis=-2).repeat(self.scale, axis=-1)
         return np.repeat(gray[..., None], 3, axis=-1)
