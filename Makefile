@@ -1,6 +1,7 @@
 # emu3-train — the commands a newcomer needs:
 #   make pretrain-stage1          install, build the demo shards, train + evaluate the tiny demo model
 #   make test                     install (if needed) and run the whole test suite
+#   make post-train-demo          after pretrain-stage1: the post-training demos in order (chat SFT, ...)
 # On a cluster:
 #   make pretrain-stage1 MODEL=emu3_8b DATA=/path/to/shards EXTRA="trainer.max_steps=1000"
 #   make pretrain-stage2 MODEL=emu3_8b DATA=/path/to/long/shards INIT=runs/stage1/ckpt/latest
@@ -18,6 +19,8 @@ DATA ?= demo
 INIT ?=
 EXTRA ?=
 DEMO_DIR ?= data/demo
+CHAT_DIR ?= data/demo_chat
+STAGE1_CKPT ?= runs/demo-stage1/ckpt/latest
 # One process: plain python. More (GPUS_PER_NODE per node x NNODES): launch/torchrun.sh, which reads
 # NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (from here or the environment). NPROC: old name.
 NNODES ?= 1
@@ -49,7 +52,8 @@ STAGE2_ARGS := experiment=stage2 model=$(MODEL) data=shards data.path=$(DATA) \
 	$(if $(INIT),checkpoint.init_from=$(INIT))
 endif
 
-.PHONY: install test pretrain-stage1 pretrain-stage2 demo-data bench lint clean clean-all
+.PHONY: install test pretrain-stage1 pretrain-stage2 demo-data bench lint clean clean-all \
+	post-train-demo post-train-demo-chat
 
 install: $(VENV)/.install-stamp
 
@@ -71,6 +75,19 @@ pretrain-stage1: install $(STAGE1_DEPS)
 
 pretrain-stage2: install $(STAGE1_DEPS)
 	$(LAUNCH) $(STAGE2_ARGS) $(EXTRA)
+
+# The post-training demos, each continuing the one before; a later stage adds itself as a
+# prerequisite after post-train-demo-chat (make runs prerequisites in the order listed).
+post-train-demo: post-train-demo-chat
+
+# Instruction tuning on the digits chat set from the stage-1 demo weights -> runs/demo-chat/eval.json
+post-train-demo-chat: install
+	@test -e $(STAGE1_CKPT) || { echo "error: $(STAGE1_CKPT) does not exist; run make pretrain-stage1 first" >&2; \
+		exit 2; }
+	$(PY) -m emu3_train.data_pipelines.demo_chat --out $(CHAT_DIR)
+	$(PY) -m emu3_train.train experiment=demo_chat data.path=$(CHAT_DIR)/train \
+		checkpoint.init_from=$(STAGE1_CKPT) $(EXTRA)
+	$(PY) -m emu3_train.chat_eval runs/demo-chat/ckpt/latest --data $(CHAT_DIR)/eval --out runs/demo-chat/eval.json
 
 bench: install
 	@for f in benchmarks/[!_]*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
