@@ -26,6 +26,21 @@ weight_sum       float           ``loss_weight.sum()`` (fp64), so the step's los
                                  never reads a device tensor back
 ===============  ==============  ==================================================================
 
+**Preference pairs** (``pairs`` given, DPO; ``data.pairs``) add:
+
+===============  ==============  ==================================================================
+doc_index        int64 [B, S]    the piece's slot 0..num_slots-1 (pieces in row-major order) at
+                                 every position of a piece, -1 on padding
+pairs            int64 [P, 2]    (chosen slot, rejected slot) of each pair whose two documents are
+                                 both in the batch (packing keeps them in one row)
+ref_logp         float32 [P, 2]  the documents' precomputed reference log-probs (``ref_logp`` of
+                                 the sample json), NaN where absent
+num_slots        int             pieces (= ``num_docs``)
+num_pairs        int             P
+chosen_weight    float           ``loss_weight`` total over the chosen documents (fp64): the
+                                 normalizer of DPO's next-token term
+===============  ==============  ==================================================================
+
 **Supervised spans.** A document with ``loss_spans`` (``data.format``: span ``[s, e)`` supervises
 the targets ``tokens[s:e]``) keeps weight only where the label is a token ``p`` of the document with
 ``s <= p < e``: row position ``o + i`` of a piece ``[start, end)`` placed at ``o`` predicts
@@ -61,6 +76,8 @@ def build_batch(
     loss_spans: Mapping[int, np.ndarray] | None = None,
     doc_weight: Mapping[int, float] | None = None,
     caption_drop: Mapping[tuple[int, int], int] | None = None,
+    pairs: Mapping[int, int] | None = None,
+    ref_logp: Mapping[int, float] | None = None,
 ) -> dict:
     """The batch dict (module docstring) of ``rows``.
 
@@ -70,7 +87,8 @@ def build_batch(
     the document's multiplier (its task weight; absent = 1.0); ``caption_drop[(r, doc_id)] = v``:
     in row r, the piece starting document ``doc_id`` loses its caption, tokens [1, v) (v = the
     SOV position): ``BOS SOV meta SOT rows ...``, the empty caption (``data.caption_dropout``); the
-    row's padding tail grows by as much.
+    row's padding tail grows by as much. ``pairs[chosen doc_id] = rejected doc_id``: the preference
+    pairs (whole documents), ``ref_logp[doc_id]`` their reference log-probs (module docstring).
     """
     if not rows:
         raise ValueError("a batch needs at least one row")
@@ -80,6 +98,8 @@ def build_batch(
     pos = np.zeros((b, s), np.int64)
     und = np.zeros((b, s), bool)
     scale = np.ones((b, s), np.float32)  # task weight x supervised-span mask, per label position
+    slot_of = np.full((b, s), -1, np.int64)
+    slots: dict[int, int] = {}  # doc_id -> slot of its whole-document piece
     bounds, num_docs, num_pad = [], 0, 0
     for r, row in enumerate(rows):
         o = 0
@@ -105,6 +125,9 @@ def build_batch(
                 scale[r, o:o + n] *= (supervised[piece.start + 1:piece.end + 1] if at is None
                                       else supervised[np.append(at[1:], piece.end)])
             bounds.append(r * s + o)
+            slot_of[r, o:o + n] = num_docs
+            if piece.start == 0 and piece.end == len(doc):
+                slots[piece.doc_id] = num_docs
             num_docs += 1
             o += n
         if o < s:  # the padding tail is its own segment
@@ -117,7 +140,7 @@ def build_batch(
     weight = np.where(vision_target, np.where(und, 0.0, vision_weight), 1.0).astype(np.float32)
     weight *= scale
     weight[lab == IGNORE_INDEX] = 0.0
-    return {
+    out = {
         "tokens": torch.from_numpy(tok),
         "labels": torch.from_numpy(lab),
         "loss_weight": torch.from_numpy(weight),
@@ -130,6 +153,22 @@ def build_batch(
         "num_tokens": b * s - num_pad,
         "weight_sum": float(weight.sum(dtype=np.float64)),
     }
+    if pairs is not None:
+        out.update(_pair_keys(pairs, ref_logp or {}, slots, slot_of, weight, num_docs))
+    return out
+
+
+def _pair_keys(pairs, ref_logp, slots, slot_of, weight, num_docs) -> dict:
+    """The preference-pair keys of the batch (module docstring)."""
+    found = [(slots[c], slots[r], c, r) for c, r in pairs.items() if c in slots and r in slots]
+    found.sort()
+    table = np.array([f[:2] for f in found], np.int64).reshape(-1, 2)
+    ref = np.array([[ref_logp.get(c, np.nan), ref_logp.get(r, np.nan)] for *_, c, r in found],
+                   np.float32).reshape(-1, 2)
+    chosen = np.isin(slot_of, table[:, 0])
+    return {"doc_index": torch.from_numpy(slot_of), "pairs": torch.from_numpy(table),
+            "ref_logp": torch.from_numpy(ref), "num_slots": num_docs, "num_pairs": len(found),
+            "chosen_weight": float(weight[chosen].sum(dtype=np.float64))}
 
 
 def _supervised(spans: np.ndarray, length: int) -> np.ndarray:

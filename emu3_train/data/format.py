@@ -14,6 +14,11 @@ loss weight only if ``s <= p < e`` for some span (token 0 is never a target). Ab
 target weighted by its class (``data.batch``); an empty list is rejected (omit the field). A chat
 document supervises its answers: ``loss_spans = [[first answer token, EOS + 1], ...]``.
 
+**Preference pairs** (DPO, ``data.pairs``): ``"pair": ID`` (a non-empty string) and ``"role":
+"chosen"|"rejected"`` mark the two documents of a pair (same shard); ``"ref_logp"`` (a finite
+float) is the frozen reference model's log-probability of the document's supervised targets,
+precomputed by ``make_preferences --reference``; ``"score"`` is the scorer's value (informative).
+
 ``KEY`` may not contain ``.`` (webdataset splits member names at the first dot), ``/`` or
 whitespace.
 
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 
 import numpy as np
@@ -35,6 +41,7 @@ from emu3_train.vocab import Vocab
 
 TASKS = ("t2i", "i2t", "text", "video")  # order = the task codes stored in the .idx
 UNDERSTANDING_TASKS = frozenset({"i2t"})  # tasks whose visual tokens are inputs, not targets
+PAIR_ROLES = ("chosen", "rejected")  # role codes 1, 2 in the .idx (0: not in a pair)
 TOKENS_SUFFIX = "tokens.npy"
 META_SUFFIX = "json"
 TOKEN_DTYPE = np.dtype("<i4")
@@ -84,6 +91,18 @@ def check_meta(meta: dict, length: int | None = None) -> dict:
         raise ValueError(f"field 'source' is {meta.get('source')!r}; expected a string")
     if "loss_spans" in meta:
         check_loss_spans(meta["loss_spans"], length)
+    if ("pair" in meta) != ("role" in meta):
+        only = "pair" if "pair" in meta else "role"
+        raise ValueError(f"fields 'pair' and 'role' go together; the metadata has only {only!r}")
+    if "pair" in meta:
+        if not isinstance(meta["pair"], str) or not meta["pair"]:
+            raise ValueError(f"field 'pair' is {meta['pair']!r}; expected a non-empty string")
+        if meta["role"] not in PAIR_ROLES:
+            raise ValueError(f"field 'role' is {meta['role']!r}; expected one of {list(PAIR_ROLES)}")
+    if "ref_logp" in meta:
+        v = meta["ref_logp"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"field 'ref_logp' is {v!r}; expected a finite number")
     return meta
 
 

@@ -3,13 +3,13 @@
 With it any rank plans packing from token counts and vision spans alone, and reads any sample
 by seeking to its byte offset (DESIGN.md §4, "Shard sample").
 
-Format (``FORMAT_VERSION`` 2): an ``np.savez`` zip of plain arrays, read with
+Format (``FORMAT_VERSION`` 3): an ``np.savez`` zip of plain arrays, read with
 ``allow_pickle=False``. N samples in tar order, M vision blocks and L supervised spans in total:
 
 ============== =============== =================================================================
 array          dtype, shape    meaning
 ============== =============== =================================================================
-format_version int64 []        2 (1: written before supervised spans; read as "no spans")
+format_version int64 []        3 (1: before supervised spans, 2: before pairs; read as none)
 vocab_name     unicode []      vocabulary preset the ids were checked against
 vocab_size     int64 []        its size (ids are in ``[0, vocab_size)``)
 shard_size     int64 []        byte size of the tar when indexed (a changed tar = stale index)
@@ -27,6 +27,8 @@ spans          int64 [M, 2]    ``[start, end)`` token positions of each block (S
 loss_span_offsets int64 [N+1]  sample i's supervised spans are ``loss_spans[o[i]:o[i+1]]``
 loss_spans     int64 [L, 2]    ``[start, end)`` ``loss_spans`` of the json (``data.format``); a sample
                                without any supervises every target
+pair_role      int8 [N]        0 not in a preference pair, 1 chosen, 2 rejected (``data.pairs``)
+pair_partner   int64 [N]       position in this shard of the pair's other document, -1 none
 ============== =============== =================================================================
 
 A version-1 index loads with no supervised spans; :meth:`stream.ShardSet.read` then refuses a
@@ -60,10 +62,11 @@ from emu3_train.data.format import (
     decode_tokens,
     loss_spans_of,
 )
+from emu3_train.data.pairs import match_pairs
 from emu3_train.vocab import Vocab
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # 1: no loss_spans arrays
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # 1: no loss_spans arrays; 2: no pair arrays
 _ARRAYS = ("keys", "tokens_offset", "tokens_size", "meta_offset", "meta_size", "tokens_crc32",
            "meta_crc32", "lengths", "tasks")
 
@@ -107,9 +110,15 @@ class Index:
     spans: np.ndarray
     loss_span_offsets: np.ndarray | None = None  # None: every sample [0]*(N+1) (version-1 index)
     loss_span_data: np.ndarray | None = None
+    pair_role: np.ndarray | None = None  # None: no pairs (an index before version 3)
+    pair_partner: np.ndarray | None = None
     version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
+        if self.pair_role is None:
+            self.pair_role = np.zeros(len(self.keys), np.int8)
+        if self.pair_partner is None:
+            self.pair_partner = np.full(len(self.keys), -1, np.int64)
         if self.loss_span_offsets is None:
             self.loss_span_offsets = np.zeros(len(self.keys) + 1, np.int64)
         if self.loss_span_data is None:
@@ -166,6 +175,7 @@ def build_index(tar_path: str | os.PathLike, vocab: Vocab) -> Index:
     rows: list[tuple] = []
     spans: list[np.ndarray] = []
     supervised: list[np.ndarray] = []
+    metas: list[dict] = []
     seen: set[str] = set()
 
     def finish(key: str, members: dict) -> None:
@@ -185,6 +195,7 @@ def build_index(tar_path: str | os.PathLike, vocab: Vocab) -> Index:
                      zlib.crc32(tok_data), zlib.crc32(meta_data), len(tokens), TASKS.index(meta["task"])))
         spans.append(doc_spans)
         supervised.append(loss_spans_of(meta))
+        metas.append(meta)
 
     try:
         with open(tar_path, "rb") as f:
@@ -226,6 +237,8 @@ def build_index(tar_path: str | os.PathLike, vocab: Vocab) -> Index:
     cols = list(zip(*rows))
     counts = np.array([len(s) for s in spans], np.int64)
     loss_counts = np.array([len(s) for s in supervised], np.int64)
+    role, partner = match_pairs([f"{tar_path}: sample {k!r}" for k in cols[0]], metas,
+                                [len(s) > 0 for s in spans], ShardError)
     return Index(
         path=tar_path, vocab_name=vocab.name, vocab_size=vocab.size,
         shard_size=tar_path.stat().st_size,
@@ -238,6 +251,7 @@ def build_index(tar_path: str | os.PathLike, vocab: Vocab) -> Index:
         spans=np.concatenate(spans).astype(np.int64).reshape(-1, 2),
         loss_span_offsets=np.concatenate([[0], np.cumsum(loss_counts)]).astype(np.int64),
         loss_span_data=np.concatenate(supervised).astype(np.int64).reshape(-1, 2),
+        pair_role=role, pair_partner=partner,
     )
 
 
@@ -250,6 +264,7 @@ def write_index(index: Index, path: str | os.PathLike | None = None) -> Path:
                  vocab_size=np.int64(index.vocab_size), shard_size=np.int64(index.shard_size),
                  span_offsets=index.span_offsets, spans=index.spans,
                  loss_span_offsets=index.loss_span_offsets, loss_spans=index.loss_span_data,
+                 pair_role=index.pair_role, pair_partner=index.pair_partner,
                  **{name: getattr(index, name) for name in _ARRAYS})
     os.replace(tmp, path)
     return path
@@ -278,6 +293,8 @@ def load_index(tar_path: str | os.PathLike, vocab_name: str = "NAME") -> Index:
     try:
         supervised = {} if version == 1 else {"loss_span_offsets": data["loss_span_offsets"],
                                               "loss_span_data": data["loss_spans"]}
+        if version >= 3:
+            supervised.update(pair_role=data["pair_role"], pair_partner=data["pair_partner"])
         index = Index(path=tar_path, vocab_name=str(data["vocab_name"]), vocab_size=int(data["vocab_size"]),
                       shard_size=int(data["shard_size"]), span_offsets=data["span_offsets"],
                       spans=data["spans"], version=version, **supervised,
@@ -288,7 +305,8 @@ def load_index(tar_path: str | os.PathLike, vocab_name: str = "NAME") -> Index:
     if any(len(getattr(index, a)) != n for a in _ARRAYS) or len(index.span_offsets) != n + 1 \
             or index.spans.shape != (int(index.span_offsets[-1]), 2) \
             or len(index.loss_span_offsets) != n + 1 \
-            or index.loss_span_data.shape != (int(index.loss_span_offsets[-1]), 2):
+            or index.loss_span_data.shape != (int(index.loss_span_offsets[-1]), 2) \
+            or len(index.pair_role) != n or len(index.pair_partner) != n:
         raise ShardError(f"{idx}: index arrays have inconsistent lengths; {hint}")
     return index
 

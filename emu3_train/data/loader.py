@@ -157,8 +157,9 @@ class PackedLoader:
 
     # -- the global row sequence ------------------------------------------------------------------
     def row(self, k: int) -> list[Piece]:
-        """Global row ``k`` of the stream (from its start); doc ids are global (``locate``)."""
-        return self.stream.row(k)
+        """Global row ``k`` of the stream (from its start), a preference pair as its two documents;
+        doc ids are global (``locate``)."""
+        return self.stream.expand(self.stream.row(k))
 
     def locate(self, doc_id: int) -> tuple[int, int]:
         """(source index, id within that source) of global document ``doc_id``."""
@@ -166,17 +167,18 @@ class PackedLoader:
 
     def _rank_rows(self, cursor: int) -> list[list[Piece]]:
         first = cursor + self.dp_rank
-        return [self.stream.row(first + j * self.dp_size) for j in range(self.micro_batch_size)]
+        return [self.stream.expand(self.stream.row(first + j * self.dp_size))
+                for j in range(self.micro_batch_size)]
 
     # -- reading (worker threads, or the caller) --------------------------------------------------
     def _load(self, rows: list[list[Piece]], first_row: int) -> tuple[dict, list[tuple[int, str]]]:
         """The batch of ``rows`` (global rows ``first_row + j * dp_size``) and the
         ``(doc_id, message)`` of each bad document left out."""
-        tokens, understanding, bad, spans, doc_weight = {}, set(), [], {}, {}
+        tokens, understanding, bad, spans, doc_weight, ref_logp = {}, set(), [], {}, {}, {}
         for d in sorted({p.doc_id for row in rows for p in row}):
             s, local = self.stream.locate(d)
             try:
-                tokens[d] = self.sources[s].read(local)[0]
+                tokens[d], meta = self.sources[s].read(local)
             except ShardError as e:
                 if self.on_bad_sample == "error":
                     raise
@@ -187,11 +189,18 @@ class PackedLoader:
                 understanding.add(d)
             spans[d] = src.loss_spans(local)
             doc_weight[d] = float(self.task_weight[src.tasks[local]])
+            if "ref_logp" in meta:
+                ref_logp[d] = float(meta["ref_logp"])
+        pairs = None
+        if self.stream.pairs.any:
+            partner = self.stream.pairs.partner
+            pairs = {d: int(partner[d]) for d in tokens if partner[d] >= 0 and int(partner[d]) in tokens}
         if bad:
             rows = [[p for p in row if p.doc_id in tokens] for row in rows]
         drop = self._caption_drops(rows, first_row) if self.caption_dropout else None
         return build_batch(rows, tokens, understanding, self.seq_len, self.vocab, self.vision_weight,
-                           loss_spans=spans, doc_weight=doc_weight, caption_drop=drop), bad
+                           loss_spans=spans, doc_weight=doc_weight, caption_drop=drop, pairs=pairs,
+                           ref_logp=ref_logp), bad
 
     def _caption_drops(self, rows: list[list[Piece]], first_row: int) -> dict[tuple[int, int], int]:
         """``{(j, doc_id): SOV position}`` of the t2i documents starting in rows j whose caption
@@ -201,8 +210,8 @@ class PackedLoader:
             k = first_row + j * self.dp_size
             for p in row:
                 s, local = self.stream.locate(p.doc_id)
-                if p.start or self.sources[s].tasks[local] != t2i:
-                    continue
+                if p.start or self.sources[s].tasks[local] != t2i or self.sources[s].pair_role[local]:
+                    continue  # a preference pair keeps its prompt: both documents must share it
                 spans = self.sources[s].vision_spans(local)
                 sov = int(spans[0, 0]) if len(spans) else 0
                 if 1 < sov < p.end and caption_dropped(self.seed, k, p.doc_id, self.caption_dropout):

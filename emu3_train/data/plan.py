@@ -23,6 +23,8 @@ pack_window, oversize_policy, shard_group):
     stream.row(12345)            # [Piece(doc_id, start, end), ...]; doc ids are global (below)
 
 Global document ids number the documents of source 0, then source 1, ... (``offsets``).
+A preference pair is one document of the plan: its chosen document's id, with both documents'
+length (``data.pairs``); :meth:`RowStream.expand` gives a row's pieces per document.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from emu3_train.data.blend import TokenBlend
 from emu3_train.data.format import TASKS
 from emu3_train.data.index import ShardError
 from emu3_train.data.packing import OVERSIZE_POLICIES, Piece, pack_rows
+from emu3_train.data.pairs import PairUnits
 
 _CACHED_WINDOWS = 4
 
@@ -139,6 +142,11 @@ class RowStream:
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.lengths = np.concatenate([s.lengths for s in self.sources]).astype(np.int64)
         self.max_block = np.concatenate([s.max_block for s in self.sources])
+        self.pairs = PairUnits(self.sources, self.offsets, self.lengths)
+        if self.pairs.any:  # a pair is drawn and packed as one rigid document (data.pairs)
+            self.lengths = self.pairs.unit_lengths()
+            self.max_block = np.where(self.pairs.partner >= 0, self.lengths, self.max_block)
+            self._check_pairs()
         for src in self.sources:
             oversize = np.flatnonzero(src.max_block > self.seq_len)
             if len(oversize) and oversize_policy == "error":  # fail before training, not mid-epoch
@@ -149,7 +157,7 @@ class RowStream:
             if len(oversize) == len(src.lengths):
                 raise ValueError(f"every document in {src.path} has a vision block longer than seq_len "
                                  f"{self.seq_len}; nothing to train on")
-        self.excluded = self._exclude(tasks)
+        self.excluded = self._exclude(tasks) | self.pairs.rejected
         self.counts = {"skipped": 0, "split": 0}
         self._counted_to = -1  # highest window whose drops and cuts were recorded
         self._uncounted: deque[tuple[int, int, int]] = deque()  # (first row, dropped, cuts) per window
@@ -176,6 +184,15 @@ class RowStream:
             parts.append(drop)
         return np.concatenate(parts)
 
+    def _check_pairs(self) -> None:
+        """Under ``oversize_policy=error``, name the first pair longer than seq_len (it cannot be packed)."""
+        long = np.flatnonzero((self.pairs.partner >= 0) & (self.lengths > self.seq_len))
+        if len(long) and self.oversize_policy == "error":
+            d = int(long[0])
+            raise ShardError(f"{self.describe(d)}: preference pair of {int(self.lengths[d])} "
+                             f"tokens (both documents) is longer than seq_len {self.seq_len}; raise seq_len "
+                             "or set oversize_policy=skip")
+
     # -- documents ------------------------------------------------------------------------------
     def locate(self, doc_id: int) -> tuple[int, int]:
         """(source index, source-local id) of global document ``doc_id``."""
@@ -183,6 +200,8 @@ class RowStream:
         return s, int(doc_id - self.offsets[s])
 
     def vision_spans(self, doc_id: int) -> np.ndarray:
+        if self.pairs.any and self.pairs.is_unit(doc_id):  # the whole pair is one block: never cut
+            return np.array([[0, int(self.lengths[doc_id])]], np.int64)
         s, d = self.locate(doc_id)
         return self.sources[s].vision_spans(d)
 
@@ -287,6 +306,10 @@ class RowStream:
             rows = self._plan(seed)[0]
         self._remember(seed.window, rows)
         return rows[k - seed.row]
+
+    def expand(self, row: list[Piece]) -> list[Piece]:
+        """``row`` with each preference pair's piece as its two documents (chosen, then rejected)."""
+        return self.pairs.expand(row) if self.pairs.any else row
 
     def seed_at(self, k: int) -> Seed:
         """The seed of the window holding row k."""

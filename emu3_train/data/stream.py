@@ -59,6 +59,8 @@ class ShardSet:
         max_block: int64 ``[D]`` length of the longest vision block (0 if none).
         loss_span_offsets: int64 ``[D+1]`` and loss_span_data: int64 ``[L, 2]``: doc d's supervised
             ``[start, end)`` spans (``loss_spans(d)``; none = every target, ``data.format``).
+        pair_role: int8 ``[D]`` 0 / 1 chosen / 2 rejected; pair_partner: int64 ``[D]`` the other
+            document of the pair (-1 none; ``data.pairs``).
         shard_of / local_of: int64 ``[D]``: which shard, which sample in it.
         shard_offsets: int64 ``[num_shards + 1]``: shard i holds documents
             ``[shard_offsets[i], shard_offsets[i+1])``.
@@ -115,6 +117,9 @@ class ShardSet:
         loss_counts = np.concatenate([np.diff(i.loss_span_offsets) for i in ix])
         self.loss_span_offsets = np.concatenate([[0], np.cumsum(loss_counts)]).astype(np.int64)
         self.loss_span_data = np.concatenate([i.loss_span_data for i in ix]).reshape(-1, 2)
+        self.pair_role = np.concatenate([i.pair_role for i in ix]).astype(np.int8)
+        self.pair_partner = np.concatenate([np.where(i.pair_partner >= 0, i.pair_partner + off, -1)
+                                            for i, off in zip(ix, self.shard_offsets)]).astype(np.int64)
         self._local = threading.local()  # .files: OrderedDict shard -> fd, per reading thread
         self._all_files: list[OrderedDict] = []
         self._lock = threading.Lock()
