@@ -42,6 +42,21 @@ def test_matches_naive_loss_grads_and_stats(dtype, tol, z_loss):
     assert torch.all(gh[~counted] == 0)  # ignored and zero-weight tokens get no gradient
 
 
+@pytest.mark.parametrize(("dtype", "tol"), TOLERANCES[:2])
+def test_large_logits_are_shifted_before_exp_and_still_match(dtype, tol):
+    # row maxima from ~5 to ~300: chunks of 8 rows entirely under EXP_SAFE (exp without the shift),
+    # mixed, and entirely over it (exp(300) overflows unshifted)
+    hidden, weight, labels, loss_weight = make_inputs(dtype=dtype)
+    hidden = (hidden.float() * torch.linspace(1, 60, hidden.shape[0])[:, None]).to(dtype)
+    kw = dict(vision_start=40, z_loss=1e-4)
+    got = loss_and_grads(fused_linear_cross_entropy, hidden, weight, labels, loss_weight, upstream=0.37,
+                         impl="reference", chunk_size=8, **kw)
+    expected = loss_and_grads(naive, hidden, weight, labels, loss_weight, upstream=0.37, **kw)
+    assert all(torch.isfinite(t).all() for t in got[:3])
+    for g, e in zip(got[:3], expected[:3]):
+        assert rel_err(g, e) <= tol
+
+
 def test_all_tokens_ignored_gives_zero_loss_and_zero_grads():
     hidden, weight, labels, loss_weight = make_inputs()
     labels[::2] = IGNORE
