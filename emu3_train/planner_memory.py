@@ -28,9 +28,9 @@ Bytes per GPU at the peak of a step, in parts (every number is for one rank of t
   allgather/ulysses cores attend in query chunks (``parallel/cp_attention.py``): no mask or score
   is kept for backward, one chunk's mask, bias and (with dropout) scores live at a time within a
   64 MiB budget. ``flex`` and ``varlen`` (and flex under CP) keep O(s) only; ``auto`` is ``sdpa``
-  whenever attention dropout is active.
+  whenever attention dropout is active, and off GPU without CP one mask-free SDPA per document (O(s)).
 - **loss**: the fused linear-CE never holds full logits. CPU reference: grad_hidden [t, H] (t = the rank's
-  tokens) and grad_weight [V/tp, H] saved in forward, an fp32 accumulator and one ≤64 MiB logits chunk
+  tokens) and grad_weight [V/tp, H] saved in forward, an fp32 accumulator and one ≤256 MiB logits chunk
   (twice) while it runs. CUDA Triton: the hidden states saved, fp32 grad_hidden + grad_weight in
   backward.
 - **transient**: the larger of the loss's working memory and backward's (the block being
@@ -107,6 +107,8 @@ def attention_kernel(cfg: TrainConfig, cp: int, on_gpu: bool, bf16: bool) -> str
     m = cfg.model
     impl = m.attn_impl
     if impl == "auto":
+        if not on_gpu and cp == 1:
+            return "fused"  # one causal SDPA (CPU flash) per document, no mask (model/segments.py)
         gpu_kernel = "flex" if (cp > 1 or not bf16) else "varlen"
         impl = "sdpa" if (not on_gpu or m.attention_dropout > 0) else gpu_kernel
     if impl in ("flex", "varlen") and (cp == 1 or cfg.parallel.cp_impl == "allgather"):

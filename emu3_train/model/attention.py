@@ -7,7 +7,9 @@ The attention module owns the projections and RoPE; the *core* computes
 - ``flex``: :class:`~emu3_train.model.flex.FlexCore`, block-sparse; CUDA training, CPU forward only.
 - ``varlen``: :class:`~emu3_train.model.varlen.VarlenCore`, flash attention over ``cu_seqlens``;
   CUDA, fp16/bf16 only.
-- ``auto``: :class:`AutoCore`, per call the fastest that runs (:func:`choose_attn_impl`).
+- ``auto``: :class:`AutoCore`, per call the fastest that runs (:func:`choose_attn_impl`); where
+  that is sdpa off CUDA on a packed layout, one causal SDPA call per document
+  (:class:`~emu3_train.model.segments.SegmentSdpaCore`, the same function without the dense mask).
 
 flex and varlen have no attention dropout. Context parallelism replaces ``Attention.core`` with its
 own cores (same interface), so this module never imports anything parallel; under CP ``attn_impl``
@@ -33,6 +35,7 @@ from emu3_train.config import CHOICES, ConfigError, ModelConfig
 from emu3_train.model.documents import Documents
 from emu3_train.model.flex import FlexCore
 from emu3_train.model.rope import apply_rope
+from emu3_train.model.segments import SegmentSdpaCore
 from emu3_train.model.varlen import HALF_DTYPES, VarlenCore, varlen_available
 
 DocumentLayout = Documents.packed  # the single-process layout of a packed batch (its old name)
@@ -92,12 +95,16 @@ def choose_attn_impl(device: torch.device, dtype: torch.dtype, dropout_active: b
 
 class AutoCore(nn.Module):
     """``model.attn_impl=auto``: dispatches each call to the sdpa, flex or varlen core
-    (:func:`choose_attn_impl`). All three compute the same function; only speed differs."""
+    (:func:`choose_attn_impl`), sdpa off CUDA on a packed layout as one call per document
+    (:class:`SegmentSdpaCore`: no [B, 1, S, S] mask, no blocks between documents; on the 2-core CPU
+    the step of ``benchmarks/vs_hf.py`` spent ~15% of its time in the dense-mask path). All compute
+    the same function; only speed differs."""
 
     def __init__(self, dropout: float = 0.0):
         super().__init__()
         self.dropout = dropout
         self.sdpa = SdpaCore(dropout)
+        self.segments = SegmentSdpaCore(dropout)
         self.flex = FlexCore()
         self.varlen = VarlenCore()
 
@@ -105,6 +112,8 @@ class AutoCore(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Documents
     ) -> torch.Tensor:
         impl = choose_attn_impl(q.device, q.dtype, self.training and self.dropout > 0)
+        if impl == "sdpa" and docs.is_packed and q.device.type != "cuda":
+            impl = "segments"
         return getattr(self, impl)(q, k, v, docs)
 
     def extra_repr(self) -> str:

@@ -103,7 +103,27 @@ def test_auto_picks_the_fastest_kernel_that_runs():
     assert isinstance(core, AutoCore) and core.dropout == 0.1
     model, auto = make_model(), make_model(attn_impl="auto")
     tokens, positions, cu, _ = packed_batch(DOCS, seq_len=SEQ)
-    torch.testing.assert_close(auto(tokens, positions, cu), model(tokens, positions, cu), atol=0, rtol=0)
+    got, expected = auto(tokens, positions, cu), model(tokens, positions, cu)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_cpu_auto_attends_per_document_with_the_gradients_of_the_dense_mask():
+    # on CPU auto runs one causal SDPA per document (no mask); it must train exactly like sdpa
+    tokens, positions, cu, _ = packed_batch(DOCS, seq_len=SEQ)
+    grads, outs = {}, {}
+    for impl in ("sdpa", "auto"):
+        model = make_model(attn_impl=impl).train()
+        docs = DocumentLayout(cu, positions)
+        outs[impl] = model(tokens, positions, cu)
+        model.logits(outs[impl]).square().mean().backward()
+        grads[impl] = {n: p.grad for n, p in model.named_parameters()}
+    core = make_model(attn_impl="auto").model.layers[0].self_attn.core
+    q, k = torch.randn(3, SEQ, 4, 8), torch.randn(3, SEQ, 2, 8)
+    core(q, k, k, docs)
+    assert docs._mask is None  # the dense mask was never built
+    torch.testing.assert_close(outs["auto"], outs["sdpa"], atol=1e-6, rtol=1e-5)
+    for name, g in grads["sdpa"].items():
+        torch.testing.assert_close(grads["auto"][name], g, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_cores_by_name_and_dropout_only_where_supported():
