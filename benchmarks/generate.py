@@ -14,8 +14,10 @@ of the whole call (prefill included).
 2. **vs transformers**: the model exported by ``interop.hf.save_hf``, loaded by
    ``Emu3ForCausalLM.from_pretrained`` and run by its ``generate(do_sample=False,
    min_new_tokens=max_new_tokens=N)`` with its own dynamic KV cache, against our
-   ``generate_text`` (no stop token, no allowed-id mask: the same work) -- their tokens must be
-   identical -- and our ``generate_vision`` (grid enforced) for reference.
+   ``generate_text`` (no stop token, EOS masked as ``min_new_tokens`` masks it: the same work) --
+   their tokens must be identical; and our ``generate_vision`` (grid enforced, the path images
+   take) against ``generate`` with BAAI's ``prefix_allowed_tokens_fn`` grid constraint -- their
+   codes must be identical.
 3. **Cache memory**: the bytes of our cache's K/V buffers after the run vs the formula
    ``2 (K, V) x layers x batch x kv_heads x capacity x head_dim x bytes``, and the formula for
    Emu3-8B (32 layers, 8 KV heads of 128, bf16) at 720x720 (90x90 codes) with guidance (batch 2).
@@ -109,11 +111,33 @@ def _hf_model(model, cfg, vocab, folder: Path, device):
 
 
 @torch.no_grad()
-def _hf_generate(hf, prompts, n, vocab, device) -> list[list[int]]:
+def _hf_generate(hf, prompts, n, vocab, device, allowed=None) -> list[list[int]]:
     ids = torch.tensor(prompts, device=device)  # one prompt repeated: no padding
     out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                      do_sample=False, pad_token_id=vocab.pad, eos_token_id=vocab.eos)
+                      do_sample=False, pad_token_id=vocab.pad, eos_token_id=vocab.eos,
+                      prefix_allowed_tokens_fn=allowed)
     return out[:, ids.shape[1]:].tolist()
+
+
+def _grid_allowed(vocab, h, w, prompt_len):
+    """BAAI's way of constraining a grid in ``generate``: ``prefix_allowed_tokens_fn`` returns the
+    codebook at code positions and the placed EOL/EOF elsewhere (transformers masks the rest)."""
+    from emu3_train.generation import _vision_schedule
+
+    schedule = _vision_schedule(vocab, h, w, 1)
+    codes = list(range(vocab.vision_start, vocab.vision_start + vocab.codebook_size))
+
+    def allowed(batch_id, input_ids):
+        k = len(input_ids) - prompt_len
+        item = schedule[k] if k < len(schedule) else vocab.eol  # the closing EOL: one more position
+        return codes if item is None else [item]
+
+    return schedule, allowed
+
+
+def _hf_codes(tokens, schedule, vocab) -> torch.Tensor:
+    return torch.tensor([[t - vocab.vision_start for t, item in zip(row, schedule) if item is None]
+                         for row in tokens])
 
 
 def cache_bytes(model, prompts, n, device) -> tuple[int, int]:
@@ -148,12 +172,18 @@ def bench(name, vocab, h, w, batch, device, repeats, probes, hf_too=True) -> dic
     if hf_too:
         folder = Path(tempfile.mkdtemp(prefix="bench_gen_")) / "hf"
         hf = _hf_model(model, ModelConfig(**TINY, vocab_size=vocab.size), vocab, folder, device)
+    # transformers' min_new_tokens masks EOS until the length is reached: ours masks it too (same work)
+    no_eos = torch.ones(vocab.size, dtype=torch.bool)
+    no_eos[vocab.eos] = False
     best = {}
     outs = {}
     runs = {"cache": lambda: generate_vision(model, vocab, prompts, h, w, sampling=greedy, device=device),
-            "ours_text": lambda: generate_text(model, vocab, prompts, positions, stop=[], device=device)}
+            "ours_text": lambda: generate_text(model, vocab, prompts, positions, stop=[], allowed=no_eos,
+                                               device=device)}
     if hf is not None:
+        schedule, allowed = _grid_allowed(vocab, h, w, len(prompts[0]))
         runs["hf"] = lambda: _hf_generate(hf, prompts, positions, vocab, device)
+        runs["hf_grid"] = lambda: _hf_generate(hf, prompts, positions, vocab, device, allowed)
     if name == "demo":  # warm-up: first calls allocate and pick kernels
         for fn in runs.values():
             fn()
@@ -172,6 +202,11 @@ def bench(name, vocab, h, w, batch, device, repeats, probes, hf_too=True) -> dic
             problems.append(f"{name}: our greedy tokens differ from transformers' generate")
         r["vs_hf"] = r["ours_text_tokens_per_s"] / r["hf_tokens_per_s"]
         r["grid_vs_hf"] = r["cache_tokens_per_s"] / r["hf_tokens_per_s"]
+        r["grid_vs_hf_grid"] = r["cache_tokens_per_s"] / r["hf_grid_tokens_per_s"]
+        r["codes_equal_hf_grid"] = torch.equal(_hf_codes(outs["hf_grid"], schedule, vocab),
+                                               outs["cache"].view(batch, -1))
+        if not r["codes_equal_hf_grid"]:
+            problems.append(f"{name}: our greedy codes differ from transformers' grid-constrained generate")
     if probes == 0:  # every step, codes compared
         t, codes = _timed(lambda: no_cache_vision(model, vocab, prompts, h, w, device), device)
         r["no_cache_tokens_per_s"] = n_gen / t
@@ -226,7 +261,9 @@ def main(argv=None) -> int:
               f"vs no cache {r['no_cache_tokens_per_s']:,.1f}{' (estimated)' if probes else ''} "
               f"({r['cache_speedup']:.1f}x); ours without the grid {r['ours_text_tokens_per_s']:,.0f} vs HF "
               f"generate {r['hf_tokens_per_s']:,.0f} tok/s ({r['vs_hf']:.2f}x, tokens equal: "
-              f"{r['tokens_equal_hf']}); grid vs HF {r['grid_vs_hf']:.2f}x; cache {r['cache_bytes']:,} B vs "
+              f"{r['tokens_equal_hf']}); grid vs HF {r['grid_vs_hf']:.2f}x, vs HF constrained to the grid "
+              f"{r['hf_grid_tokens_per_s']:,.0f} tok/s {r['grid_vs_hf_grid']:.2f}x (codes equal: "
+              f"{r['codes_equal_hf_grid']}); cache {r['cache_bytes']:,} B vs "
               f"formula {r['cache_formula_bytes']:,} B", flush=True)
     summary["emu3_8b_720_cfg_cache_gb"] = emu3_8b_cache_gb()
     print(f"Emu3-8B, 720x720 (90x90 codes) with guidance (batch 2), bf16: KV cache "
