@@ -29,10 +29,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from emu3_train.kernels.token_ce import linear_token_cross_entropy
+from emu3_train.vocab import Vocab
 
 METRICS = ("dpo/loss", "dpo/reward_margin", "dpo/accuracy", "dpo/chosen_logp", "dpo/rejected_logp")
 # sums over pairs (then divided by the pair count): loss, margin, correct, chosen logp, rejected logp
@@ -150,3 +152,38 @@ def pair_means(pair_sums: torch.Tensor, pairs: float) -> dict[str, float]:
     pairs (any number of micro-batches and ranks)."""
     values = [float(v) / pairs if pairs > 0 else float("nan") for v in pair_sums.tolist()]
     return dict(zip(METRICS, values))
+
+
+def pair_batch(pairs: list[tuple[np.ndarray, np.ndarray]], spans: list[tuple[np.ndarray, np.ndarray]],
+               vocab: Vocab, vision_weight: float = 0.5) -> dict:
+    """A packed batch (``data.batch`` with the pair keys) of whole pairs, one pair per row: the
+    documents' tokens ``pairs[i] = (chosen, rejected)`` and their ``loss_spans``."""
+    from emu3_train.data.batch import build_batch
+    from emu3_train.data.packing import Piece
+
+    tokens, loss_spans, partner, rows = {}, {}, {}, []
+    for i, ((c, r), (sc, sr)) in enumerate(zip(pairs, spans)):
+        tokens[2 * i], tokens[2 * i + 1] = np.asarray(c), np.asarray(r)
+        loss_spans[2 * i], loss_spans[2 * i + 1] = np.asarray(sc), np.asarray(sr)
+        partner[2 * i] = 2 * i + 1
+        rows.append([Piece(2 * i, 0, len(c)), Piece(2 * i + 1, 0, len(r))])
+    seq_len = max(len(c) + len(r) for c, r in pairs)
+    return build_batch(rows, tokens, set(), seq_len, vocab, vision_weight, loss_spans=loss_spans,
+                       pairs=partner)
+
+
+@torch.no_grad()
+def pair_reference_logps(model, vocab: Vocab, pairs, spans, *, vision_weight: float = 0.5,
+                         batch_pairs: int = 64, device="cpu", impl: str = "auto") -> np.ndarray:
+    """float64 [P, 2]: the (chosen, rejected) log-probs of each pair's supervised targets under
+    ``model`` (the frozen reference), computed exactly as training computes the policy's
+    (:func:`pair_batch`, the model's forward, :func:`reference_logps`); ``make_preferences``
+    stores them as each document's ``ref_logp``."""
+    out = []
+    for start in range(0, len(pairs), batch_pairs):
+        end = start + batch_pairs
+        b = pair_batch(pairs[start:end], spans[start:end], vocab, vision_weight)
+        hidden = model(b["tokens"].to(device), b["position_ids"].to(device), b["cu_seqlens"].to(device))
+        moved = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
+        out.append(reference_logps(hidden, model.lm_head.weight, moved, impl=impl).double().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 2))

@@ -158,6 +158,9 @@ class RowStream:
                 raise ValueError(f"every document in {src.path} has a vision block longer than seq_len "
                                  f"{self.seq_len}; nothing to train on")
         self.excluded = self._exclude(tasks) | self.pairs.rejected
+        if ((self.max_block > self.seq_len) | self.excluded).all():  # draw() would never find one
+            raise ValueError(f"no document (or preference pair) of the stream fits seq_len {self.seq_len}; "
+                             "nothing to train on")
         self.counts = {"skipped": 0, "split": 0}
         self._counted_to = -1  # highest window whose drops and cuts were recorded
         self._uncounted: deque[tuple[int, int, int]] = deque()  # (first row, dropped, cuts) per window

@@ -132,3 +132,5 @@ def test_a_pair_longer_than_a_row_is_named_under_oversize_error(make_shards, voc
     longest = max(len(docs[i]["tokens"]) + len(docs[i + 1]["tokens"]) for i in range(0, 6, 2))
     with pytest.raises(ShardError, match="preference pair of .* tokens .both documents. is longer"):
         PackedLoader(shards, seq_len=longest - 1, micro_batch_size=1, oversize_policy="error")
+    with pytest.raises(ValueError, match="no document .or preference pair. of the stream fits seq_len"):
+        PackedLoader(shards, seq_len=40, micro_batch_size=1)  # every pair too long: never an endless draw
