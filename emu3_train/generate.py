@@ -7,7 +7,7 @@ SOURCE is a run directory (``runs/demo-stage1``), its ``ckpt``, ``ckpt/latest``,
     python -m emu3_train.generate runs/demo-stage1 --prompt "a handwritten digit seven" --n 8 --cfg 3 \
         --out out/seven
     python -m emu3_train.generate runs/demo-stage1 --prompts prompts.txt --grid 8x8 --temperature 0.8
-    python -m emu3_train.generate runs/demo-stage1 --image out/seven/item_0000.png      # caption (greedy)
+    python -m emu3_train.generate runs/demo-stage1 --image out/seven/item_0000.png --image b.png  # captions
     python -m emu3_train.generate runs/demo-stage1 --prompt "a digit" --video-frames 4 --out out/clip
     python -m emu3_train.generate runs/demo-stage1 --continue out/clip/codes.json --video-frames 2
     python -m emu3_train.generate hf/demo --text --prompt "a handwritten" --temperature 0
@@ -124,7 +124,8 @@ def parse_args(argv):
     p.add_argument("--continue", dest="clip", metavar="CLIP",
                    help="continue a clip: a video file (needs --vq), codes.json[:K] or codes .npy")
     p.add_argument("--continue-frames", type=int, help="code frames of CLIP given (default: all; video: 1)")
-    p.add_argument("--image", metavar="FILE", help="understanding: image (--vq; else a gray PNG) or codes")
+    p.add_argument("--image", metavar="FILE", action="append", default=[],
+                   help="understanding: image (--vq; else a gray PNG) or codes; repeatable")
     p.add_argument("--question", default="", help="text after the image (default: none = caption it)")
     p.add_argument("--text", action="store_true", help="text continuation of each --prompt")
     p.add_argument("--max-new-tokens", type=int, default=64, help="text answers (default 64)")
@@ -185,13 +186,14 @@ def _batches(prompts: list[str], n: int, size: int):
             yield p, list(range(start, min(n, start + size)))
 
 
-def _clip_codes(args, vq, grid: Grid, temporal: int) -> np.ndarray:
-    """Codes [T0, h, w] of --continue (or --image): a codes file, a video file or an image file."""
-    spec, given = args.clip or args.image, bool(args.grid or args.size)
+def _clip_codes(args, vq, grid: Grid, temporal: int, image: str | None = None) -> np.ndarray:
+    """Codes [T0, h, w] of --continue (or of ``image``, one --image): a codes file, a video file or an
+    image file."""
+    spec, given = args.clip or image, bool(args.grid or args.size)
     name = Path(spec.split(".json:")[0] + (".json" if ".json:" in spec else ""))
     if name.suffix in (".json", ".npy"):
         codes = outputs.read_codes(spec)
-    elif args.image:
+    elif image:
         from PIL import Image
 
         if not name.is_file():
@@ -267,11 +269,12 @@ def _understand(args, src, vocab, tok, vq, grid: Grid, device) -> list[dict]:
         prompts = _prompts(args)
         if not prompts:
             raise ValueError("--text needs --prompt or --prompts")
-        seqs, allowed, codes = [[vocab.bos, *tok.encode(p)] for p in prompts], None, None
+        seqs, allowed, images = [[vocab.bos, *tok.encode(p)] for p in prompts], None, None
     else:
-        codes = _clip_codes(args, vq, grid, 4)[:1]
-        prompts = [args.question]
-        seqs = [[vocab.bos, *vision_block(vocab, codes[0], tok.encode), *tok.encode(args.question)]]
+        images = [_clip_codes(args, vq, grid, 4, image)[:1] for image in args.image]
+        prompts = [f"{image} {args.question}".rstrip() for image in args.image]  # what the answers print
+        seqs = [[vocab.bos, *vision_block(vocab, codes[0], tok.encode), *tok.encode(args.question)]
+                for codes in images]
         allowed = torch.zeros(src.model_config.vocab_size, dtype=torch.bool)
         allowed[:vocab.text_size] = True
         allowed[vocab.eos] = True
@@ -286,8 +289,9 @@ def _understand(args, src, vocab, tok, vq, grid: Grid, device) -> list[dict]:
                             progress=_ticker(bar, len(idx)))
         for ids in out:
             item = {"prompt": prompts[p], "seed": args.seed + b, "text": tok.decode(ids), "tokens": ids}
-            if codes is not None:
-                item.update(grid=[int(x) for x in codes.shape[1:]], frames=1, codes=codes, image=args.image)
+            if images is not None:
+                item.update(prompt=args.question, grid=[int(x) for x in images[p].shape[1:]], frames=1,
+                            codes=images[p], image=args.image[p])
             items.append(item)
     bar.close()
     return items
@@ -301,7 +305,8 @@ def _write(args, items: list[dict], vq, vocab, temporal: int) -> None:
     outputs.write_codes(items, out / "codes.json")
     if "text" in items[0]:
         for item in items:
-            print(f"{item['prompt']!r} -> {item['text']!r}", flush=True)
+            asked = f"{item['image']} {item['prompt']}".rstrip() if "image" in item else item["prompt"]
+            print(f"{asked!r} -> {item['text']!r}", flush=True)
         return
     rows, labels = {}, {}
     for k, item in enumerate(items):

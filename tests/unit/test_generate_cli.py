@@ -121,6 +121,13 @@ def test_a_png_it_wrote_is_captioned_with_text_ids_only(run, tmp_path):
     assert 0 < len(cap["tokens"]) <= 12 or cap["text"] == ""
     assert all(0 <= t < V.text_size for t in cap["tokens"])  # text only, EOS excluded
     assert cap["text"] == bytes(cap["tokens"]).decode("utf-8", errors="replace")
+    # --image repeats: one answer per image, in order, each with its own codes
+    assert main([str(run["run"]), "--prompt", "a handwritten digit one", "--n", "2", "--out", str(img)]) == 0
+    two = [str(img / "item_0000.png"), str(img / "item_0001.png")]
+    assert main([str(run["run"]), "--image", two[0], "--image", two[1], "--max-new-tokens", "4",
+                 "--out", str(out)]) == 0
+    caps, drawn = _items(out), _items(img)
+    assert [c["image"] for c in caps] == two and [c["codes"] for c in caps] == [d["codes"] for d in drawn]
 
 
 def _vq(path: Path) -> Path:
