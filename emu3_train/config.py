@@ -102,6 +102,19 @@ class LossConfig:
     # shard json) further limit which of its targets train (data.format).
     task_weights: dict[str, float] = field(
         default_factory=lambda: {"t2i": 1.0, "i2t": 1.0, "text": 1.0, "video": 1.0})
+    # ntp: weighted next-token prediction | dpo: preference pairs (data.path holds pair shards, dpo.*)
+    objective: str = "ntp"
+
+
+@dataclass
+class DPOConfig:
+    """Direct preference optimization (``loss.objective=dpo``; ``emu3_train/dpo.py``)."""
+
+    beta: float = 0.1  # DPO's beta: scale of the log-ratio rewards
+    ntp_weight: float = 0.0  # weight of the chosen documents' next-token loss added to DPO (Emu3 uses both)
+    # precomputed: the pairs' ref_logp (make_preferences, memory-light) | frozen: a frozen copy of
+    # checkpoint.init_from, parallelized like the policy, runs every forward
+    reference: str = "precomputed"
 
 
 @dataclass
@@ -189,6 +202,7 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -250,6 +264,7 @@ RANGES: dict[str, Range] = {
     "optim.beta1": _FRACTION, "optim.beta2": _FRACTION, "optim.eps": _POSITIVE,
     "optim.grad_clip": _AT_LEAST_0,
     "loss.vision_weight": _AT_LEAST_0, "loss.z_loss": _AT_LEAST_0, "loss.chunk_size": _AT_LEAST_1,
+    "dpo.beta": _POSITIVE, "dpo.ntp_weight": _AT_LEAST_0,
     "trainer.max_steps": _AT_LEAST_1, "trainer.log_interval": _AT_LEAST_1, "trainer.seed": _AT_LEAST_0,
     "trainer.threads": _AT_LEAST_0, "trainer.max_bad_steps": _AT_LEAST_1,
     "trainer.spike_factor": _AT_LEAST_0, "trainer.sample_interval": _AT_LEAST_0,
@@ -302,6 +317,8 @@ CHOICES = {
     "data.on_bad_sample": ("error", "skip"),
     "parallel.cp_impl": ("allgather", "ulysses"),
     "loss.impl": ("auto", "reference", "triton"),
+    "loss.objective": ("ntp", "dpo"),
+    "dpo.reference": ("precomputed", "frozen"),
     "trainer.precision": ("fp32", "bf16"),
     "trainer.device": ("auto", "cpu", "cuda"),
     "eval.task": ("none", "digits"),
@@ -374,6 +391,9 @@ def validate(cfg: TrainConfig, world_size: int = 1, vocab_size: int | None = Non
         raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings="
                           f"{m.max_position_embeddings}")
     c = cfg.checkpoint
+    if cfg.loss.objective == "dpo" and cfg.dpo.reference == "frozen" and not c.init_from:
+        raise ConfigError("dpo.reference=frozen copies checkpoint.init_from (the DPO reference); set it, "
+                          "or use dpo.reference=precomputed (make_preferences stores ref_logp)")
     if c.init_required and not c.init_from:
         raise ConfigError("checkpoint.init_from is required: this recipe continues an earlier stage "
                           "(checkpoint.init_required=true); set checkpoint.init_from=RUN/ckpt/latest "

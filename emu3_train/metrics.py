@@ -40,6 +40,18 @@ def format_summary(step: int, max_steps: int, m: dict) -> str:
             + (f" | skipped {skipped:,.0f}" if skipped > 0 else ""))
 
 
+def format_dpo(m: dict) -> str:
+    """The DPO line after each summary: ``dpo | loss 0.6123 | margin 0.41 | acc 0.72 | chosen -31.2 |
+    rejected -35.9 | ntp 1.2345`` (per-pair means over the interval; log-probs in nats)."""
+    def f(key, fmt):
+        v = m.get(key)
+        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+    return (f"dpo | loss {f('dpo/loss', '.4f')} | margin {f('dpo/reward_margin', '.3f')} | acc "
+            f"{f('dpo/accuracy', '.2f')} | chosen {f('dpo/chosen_logp', '.2f')} | rejected "
+            f"{f('dpo/rejected_logp', '.2f')} | ntp {f('dpo/ntp_loss', '.4f')}")
+
+
 def format_skipped(total: float, stats: dict, step: int) -> str:
     """The end-of-run line on skipped documents, e.g. ``data: 3 documents skipped (oversize 1,
     unreadable 2) in this run, up to step 40``; "" when none were. ``total``: the run's skips with
@@ -80,16 +92,18 @@ class StepWindow:
     def add(self, device_stats: dict, host_stats: dict) -> None:
         """One step: ``device_stats`` holds :data:`STEP_KEYS` (0-dim tensors), ``host_stats`` plain
         numbers (step, tokens, pad, docs, rows, lr)."""
-        self._device.append({k: device_stats[k] for k in STEP_KEYS})
+        extra = sorted(k for k in device_stats if k.startswith("dpo/"))  # loss.objective=dpo
+        self._device.append({k: device_stats[k] for k in (*STEP_KEYS, *extra)})
         self._host.append(host_stats)
 
     def read(self) -> list[dict]:
         """Every step's statistics as floats (one device-to-host copy), and the window emptied."""
         if not self._host:
             return []
-        stacked = torch.stack([torch.stack([d[k].detach().double().reshape(()) for k in STEP_KEYS])
+        keys = list(self._device[0])  # the same keys at every step of a run
+        stacked = torch.stack([torch.stack([d[k].detach().double().reshape(()) for k in keys])
                                for d in self._device]).tolist()
-        steps = [{**h, **dict(zip(STEP_KEYS, values))} for h, values in zip(self._host, stacked)]
+        steps = [{**h, **dict(zip(keys, values))} for h, values in zip(self._host, stacked)]
         self._device, self._host = [], []
         return steps
 
@@ -114,7 +128,8 @@ def window_means(steps: list[dict]) -> dict:
     """Mean of each loss and the grad norm over the steps that have it (a class absent from a
     step, or a skipped step, reports NaN)."""
     out = {}
-    for k in ("train/loss", "train/loss_text", "train/loss_vision", "train/grad_norm"):
+    dpo = sorted({k for m in steps for k in m if k.startswith("dpo/")})  # loss.objective=dpo
+    for k in ("train/loss", "train/loss_text", "train/loss_vision", "train/grad_norm", *dpo):
         values = [m[k] for m in steps if math.isfinite(m[k])]
         out[k] = sum(values) / len(values) if values else float("nan")
     return out

@@ -28,6 +28,7 @@ from emu3_train.data.blend import open_blend
 from emu3_train.data.index import ShardError
 from emu3_train.data.loader import PackedLoader
 from emu3_train.data.stream import ShardSet
+from emu3_train.dpo_step import DPOSettings, dpo_forward_backward
 from emu3_train.faults import FaultHook
 from emu3_train.memory_check import check_fits
 from emu3_train.metrics import (
@@ -35,6 +36,7 @@ from emu3_train.metrics import (
     PerfMeter,
     SpikeDetector,
     StepWindow,
+    format_dpo,
     format_skipped,
     format_summary,
     interval_metrics,
@@ -100,6 +102,11 @@ class Trainer:
         self.step_ctx = StepContext(bf16=cfg.trainer.precision == "bf16",
                                     vision_start=self.vocab.vision_start, z_loss=cfg.loss.z_loss,
                                     impl=cfg.loss.impl, chunk_size=cfg.loss.chunk_size)
+        self.dpo = DPOSettings(cfg.dpo.beta, cfg.dpo.ntp_weight) if cfg.loss.objective == "dpo" else None
+        self.reference = None  # dpo.reference=frozen: the initial weights, parallelized like the policy
+        if self.dpo is not None and cfg.dpo.reference == "frozen":
+            self.reference = build_model(cfg, self.vocab_size, self.dims, self.mesh, self.device, self.rank,
+                                         weights=cfg.checkpoint.init_from, init=True)[0].requires_grad_(False)
         self.perf = PerfMeter(cfg.model, self.vocab_size, self.dims.cp * self.dims.tp, self.device,
                               cfg.trainer.precision, cfg.trainer.peak_tflops)
         torch.manual_seed(cfg.trainer.seed + 1 + self.rank)  # per-rank dropout streams
@@ -193,8 +200,13 @@ class Trainer:
         cfg = self.cfg
         batches = batches or [next(self.loader) for _ in range(self.accum)]
         poison = self.faults.at_step(self.state.step + 1)
-        out = forward_backward(self.model, batches, self.step_ctx, self.plan, poison=poison,
-                               stop=int(self.stop_signal is not None))
+        stop = int(self.stop_signal is not None)
+        if self.dpo is not None:
+            out = dpo_forward_backward(self.model, batches, self.step_ctx, self.plan, self.dpo, stop, poison,
+                                       self.reference)
+            out["loss_text"] = out["loss_vision"] = out["dpo/ntp_loss"]  # the chosen documents' NTP
+        else:
+            out = forward_backward(self.model, batches, self.step_ctx, self.plan, poison=poison, stop=stop)
         self.perf.add(batches, self.vocab.pad)
         grad_norm = clip_grad_norm(self.model, cfg.optim.grad_clip)
         finite = torch.isfinite(out["loss"]) & torch.isfinite(grad_norm)  # the same on every rank
@@ -207,7 +219,8 @@ class Trainer:
         self.state.tokens += cfg.data.global_batch_size * cfg.data.seq_len
         self.window.add({"train/loss": out["loss"], "train/loss_text": out["loss_text"],
                          "train/loss_vision": out["loss_vision"], "train/grad_norm": grad_norm,
-                         "finite": finite, "stop": out["stop"]}, {
+                         "finite": finite, "stop": out["stop"],
+                         **{k: v for k, v in out.items() if k.startswith("dpo/")}}, {
             "step": self.state.step, "train/lr": self.scheduler.get_last_lr()[0],
             "tokens": sum(int(b["tokens"].numel()) for b in batches),  # this dp rank's rows
             "pad": sum(b["num_pad"] for b in batches), "docs": sum(b["num_docs"] for b in batches),
@@ -265,6 +278,8 @@ class Trainer:
                     bar.set_postfix(loss=f"{last['train/loss']:.3f}")
                     if self.is_rank0:
                         tqdm.write(format_summary(self.step, t.max_steps, last))
+                        if self.dpo is not None:
+                            tqdm.write(format_dpo(last))
                         sys.stdout.flush()  # summary lines reach log files as they happen
                     self.logger.log(last, self.step)
                     interval, t_window = [], time.perf_counter()

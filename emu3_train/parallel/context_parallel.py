@@ -94,6 +94,8 @@ def shard_batch(batch: dict, cp_rank: int, cp: int) -> dict:
             raise ValueError(f"batch[{key!r}] has shape {tuple(batch[key].shape)}, expected [B, S] = "
                              f"{(b, s)} like batch['tokens']")
         out[key] = batch[key][:, cols]
+    if "doc_index" in batch:  # preference-pair batches (DPO): each token's document slot
+        out["doc_index"] = batch["doc_index"][:, cols]
     rows = torch.arange(b, device=cols.device)[:, None] * s
     out["token_index"] = rows + cols[None, :]
     return out

@@ -29,6 +29,7 @@ from emu3_train.parallel.mesh import named_collective
 
 MODEL_INPUTS = ("tokens", "position_ids", "cu_seqlens")
 TARGETS = ("labels", "loss_weight")
+OPTIONAL_TARGETS = ("doc_index",)  # [B, S] keys of preference-pair batches (DPO), sharded like labels
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class StepPlan:
     Attributes:
         device: the model's device; every prepared tensor and every step statistic lives there.
         distributed: whether there is a process group (the world) to reduce over.
-        groups: the process groups of the mesh dimensions the step reduces over ("dp", "dp_cp"),
+        groups: the process groups of the mesh dimensions the step reduces over ("dp", "cp", "dp_cp"),
             absent where that dimension has size 1.
         loss_scale: |dp_cp|, the factor that turns FSDP2's gradient average back into a sum.
         cp, cp_rank: context-parallel size and this rank's index (its two row chunks).
@@ -63,15 +64,16 @@ class StepPlan:
     def prepare(self, batch: dict) -> dict:
         """This rank's part of a packed batch (``data.batch`` contract) on :attr:`device`:
         ``tokens``, ``position_ids``, ``cu_seqlens`` (+ ``token_index`` under CP), ``labels``,
-        ``loss_weight``. On CUDA the host tensors are pinned first, so the copies are queued
-        without waiting for the device."""
+        ``loss_weight`` (and ``doc_index`` when the batch has one). On CUDA the host tensors are
+        pinned first, so the copies are queued without waiting for the device."""
         if self.cp > 1:
             from emu3_train.parallel.context_parallel import shard_batch
 
             batch = shard_batch(batch, self.cp_rank, self.cp)
         pin = self.device.type == "cuda"
+        keys = self.model_keys + TARGETS + tuple(k for k in OPTIONAL_TARGETS if k in batch)
         return {k: (batch[k].pin_memory() if pin else batch[k]).to(self.device, non_blocking=pin)
-                for k in self.model_keys + TARGETS}
+                for k in keys}
 
     def model_inputs(self, prepared: dict) -> dict:
         """The model's keyword arguments out of :meth:`prepare`'s result."""
@@ -87,7 +89,7 @@ class StepPlan:
         return output_shard(model, self.tp_mesh)
 
     def all_reduce(self, t: torch.Tensor, dim: str | None, what: str) -> torch.Tensor:
-        """Sum ``t`` in place over the mesh dimension ``dim`` ("dp" or "dp_cp"; None: the world)."""
+        """Sum ``t`` in place over the mesh dimension ``dim`` ("dp", "cp" or "dp_cp"; None: the world)."""
         if dim is None and self.distributed:
             named_collective(f"all_reduce({what}) over the world", dist.all_reduce, t)
         elif dim in self.groups:
@@ -101,7 +103,8 @@ def build_step_plan(dims, mesh: DeviceMesh | None, dp_cp: DeviceMesh | None, dev
     if mesh is None:
         return StepPlan(device=device)
     _, cp_rank, tp_rank = dims.coords(rank)
-    groups = {dim: m.get_group() for dim, m in (("dp", mesh["dp"]), ("dp_cp", dp_cp)) if m.size() > 1}
+    groups = {dim: m.get_group() for dim, m in (("dp", mesh["dp"]), ("cp", mesh["cp"]), ("dp_cp", dp_cp))
+              if m.size() > 1}
     return StepPlan(device=device, distributed=True, groups=groups, loss_scale=dp_cp.size(), cp=dims.cp,
                     cp_rank=cp_rank, tp_mesh=mesh["tp"] if dims.tp > 1 else None,
                     owns_rows=cp_rank == 0 and tp_rank == 0)

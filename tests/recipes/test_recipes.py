@@ -19,7 +19,7 @@ NEEDS_PATH = ["data.path=/nonexistent/shards"]
 INIT = ["checkpoint.init_from=/runs/stage1/ckpt/latest"]
 # world sizes the multi-GPU recipes are meant for (validation checks the layout against them)
 WORLD = {("parallel", "node8"): 8, ("parallel", "nodes"): 32, ("experiment", "stage2"): 64,
-         ("experiment", "sft_i2t"): 64, ("experiment", "sft_chat"): 64}
+         ("experiment", "sft_i2t"): 64, ("experiment", "sft_chat"): 64, ("experiment", "dpo"): 64}
 POST_TRAINING = ("qft", "sft_i2t", "sft_chat")  # continue an earlier stage: need init_from
 
 
@@ -27,7 +27,7 @@ def _overrides(group: str, name: str) -> list[str]:
     extra = NEEDS_PATH if (group == "data" and name == "shards") else []
     if group == "experiment" and name in ("stage1", "stage2"):
         extra = ["model=emu3_8b", "data=shards", *NEEDS_PATH, *(INIT if name == "stage2" else [])]
-    if group == "experiment" and name in POST_TRAINING:
+    if group == "experiment" and name in (*POST_TRAINING, "dpo"):
         extra = [*NEEDS_PATH, *INIT]
     if (group, name) in WORLD and group == "parallel":  # a cluster preset, with the stage-1 batch
         extra = ["experiment=stage1", "model=emu3_8b", "data=shards", *NEEDS_PATH]
@@ -161,3 +161,15 @@ def test_world_size_must_match_layout():
 
 def test_recipes_dir_is_the_checkout():
     assert RECIPES == Path(__file__).resolve().parents[2] / "recipes"
+
+
+def test_dpo_recipes_select_the_objective_and_need_their_weights():
+    for name in ("dpo", "demo_dpo"):
+        with pytest.raises(ConfigError, match=r"checkpoint\.init_from is required"):
+            validate(compose([f"experiment={name}", *NEEDS_PATH, "checkpoint.init_from=null"]), 64)
+    dpo = compose(_overrides("experiment", "dpo"))
+    assert dpo.loss.objective == "dpo" and dpo.dpo.reference == "precomputed" and dpo.dpo.ntp_weight > 0
+    demo = compose(["experiment=demo_dpo"])
+    assert demo.loss.objective == "dpo" and demo.checkpoint.init_from == "runs/demo-stage1/ckpt/latest"
+    with pytest.raises(ConfigError, match="dpo.reference=frozen copies checkpoint.init_from"):
+        validate(compose(["experiment=demo", "loss.objective=dpo", "dpo.reference=frozen"]))
