@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 
 from emu3_train.layout import vision_block
 from emu3_train.model.kv_cache import KVCache
@@ -145,18 +146,29 @@ class Decoding:
     def batch_size(self) -> int:
         return self.cache.batch_size
 
-    def _logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
-        return self.model.logits(hidden_last).float()
+    def _logits(self, hidden_last: torch.Tensor, rows: slice | None) -> torch.Tensor | None:
+        """fp32 logits of the vocabulary ids ``rows`` (None: all); only those rows of the output head
+        are multiplied (an image's codes are 32,768 of Emu3's 184,622 ids), except for a head that is
+        a DTensor (tensor parallel: the full vocab-parallel logits, then the slice)."""
+        if rows is not None and rows.stop is not None and rows.stop <= rows.start:
+            return None  # the next token is placed: no head at all
+        weight = self.model.lm_head.weight
+        if rows is None or isinstance(weight, DTensor) or self.model.lm_head.bias is not None:
+            logits = self.model.logits(hidden_last).float()
+            return logits if rows is None else logits[:, rows]
+        return torch.nn.functional.linear(hidden_last, weight[rows]).float()
 
-    def prefill(self) -> torch.Tensor:
-        """Run the prompts -> fp32 logits [B, V] of each sequence's next token."""
+    def prefill(self, rows: slice | None = None) -> torch.Tensor | None:
+        """Run the prompts -> fp32 logits [B, V] of each sequence's next token (``rows``: only those
+        ids, ``slice(0, 0)``: none)."""
         if self.cache.length:
             raise RuntimeError("prefill runs once, before any step")
         hidden = self.model(self.prompt_tokens, None, None, cache=self.cache)
-        return self._logits(hidden[:, -1])
+        return self._logits(hidden[:, -1], rows)
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed one token per sequence (int64 [B] on the device) -> fp32 logits [B, V] of the next."""
+    def step(self, tokens: torch.Tensor, rows: slice | None = None) -> torch.Tensor | None:
+        """Feed one token per sequence (int64 [B] on the device) -> fp32 logits [B, V] of the next
+        (``rows``: only those ids, ``slice(0, 0)``: none)."""
         start = self.cache.length
         if self.multiple == 1:
             hidden = self.model(tokens[:, None], None, None, cache=self.cache)
@@ -164,7 +176,7 @@ class Decoding:
             self._scratch[:, 0] = tokens
             hidden = self.model(self._scratch, None, None, cache=self.cache)
             self.cache.truncate(start + 1)
-        return self._logits(hidden[:, 0])
+        return self._logits(hidden[:, 0], rows)
 
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:
@@ -244,10 +256,12 @@ def generate_vision(model, vocab: Vocab, prompts: Sequence[Sequence[int]], heigh
                   for t in set(schedule) - {None}}
         codes = torch.empty(n, frames * height * width, dtype=torch.long, device=dev)
         lo, hi = vocab.vision_start, vocab.vision_start + vocab.codebook_size
-        logits, c = dec.prefill(), 0
+        # the head multiplies the codebook's rows only, and nothing before a placed token
+        need = [slice(lo, hi) if item is None else slice(0, 0) for item in schedule]
+        logits, c = dec.prefill(need[0]), 0
         for i, item in enumerate(schedule):
             if item is None:
-                scores = logits[:, lo:hi]
+                scores = logits
                 if sampling.guided:
                     scores = guide(scores, sampling.guidance_scale)
                 code = sample_tokens(scores, sampling, generator)
@@ -259,7 +273,7 @@ def generate_vision(model, vocab: Vocab, prompts: Sequence[Sequence[int]], heigh
             else:
                 token = placed[item]
             if i + 1 < len(schedule):
-                logits = dec.step(token)
+                logits = dec.step(token, need[i + 1])
             if progress is not None:
                 progress(1)
     finally:

@@ -152,3 +152,19 @@ def test_bad_input_is_one_line_naming_the_value():
                                      num_kv_heads=1, max_position_embeddings=64), V.size)
     with pytest.raises(ValueError, match=r"max_position_embeddings=64"):  # 8 x 8 grid: 73 more tokens
         generate_images(small, V, TOK.encode, ["x"], 8, 8)
+
+
+@torch.no_grad()
+def test_the_head_multiplies_only_the_rows_asked_for():
+    from emu3_train.generation import Decoding
+
+    m = model()
+    prompts = [image_prompt(V, TOK.encode, "seven", 3, 4), image_prompt(V, TOK.encode, "a digit", 3, 4)]
+    full, part = Decoding(m, prompts, 3), Decoding(m, prompts, 3)
+    a, b = full.prefill(), part.prefill(slice(LO, HI))
+    assert b.shape == (2, HI - LO) and torch.allclose(b, a[:, LO:HI], rtol=0, atol=1e-6)
+    token = a.argmax(-1)
+    assert part.step(token, slice(0, 0)) is None  # before a placed token: no head at all
+    full.step(token)
+    a, b = full.step(token), part.step(token, slice(LO, HI))
+    assert torch.allclose(b, a[:, LO:HI], rtol=0, atol=1e-6)  # the cache advanced the same way
