@@ -20,6 +20,7 @@ INIT ?=
 EXTRA ?=
 DEMO_DIR ?= data/demo
 CHAT_DIR ?= data/demo_chat
+DPO_DIR ?= data/demo_dpo
 STAGE1_CKPT ?= runs/demo-stage1/ckpt/latest
 # One process: plain python. More (GPUS_PER_NODE per node x NNODES): launch/torchrun.sh, which reads
 # NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (from here or the environment). NPROC: old name.
@@ -53,7 +54,7 @@ STAGE2_ARGS := experiment=stage2 model=$(MODEL) data=shards data.path=$(DATA) \
 endif
 
 .PHONY: install test pretrain-stage1 pretrain-stage2 demo-data bench lint clean clean-all \
-	post-train-demo post-train-demo-chat
+	post-train-demo post-train-demo-chat post-train-demo-dpo
 
 install: $(VENV)/.install-stamp
 
@@ -78,7 +79,7 @@ pretrain-stage2: install $(STAGE1_DEPS)
 
 # The post-training demos, each continuing the one before; a later stage adds itself as a
 # prerequisite after post-train-demo-chat (make runs prerequisites in the order listed).
-post-train-demo: post-train-demo-chat
+post-train-demo: post-train-demo-chat post-train-demo-dpo
 
 # Instruction tuning on the digits chat set from the stage-1 demo weights -> runs/demo-chat/eval.json
 post-train-demo-chat: install
@@ -88,6 +89,20 @@ post-train-demo-chat: install
 	$(PY) -m emu3_train.train experiment=demo_chat data.path=$(CHAT_DIR)/train \
 		checkpoint.init_from=$(STAGE1_CKPT) $(EXTRA)
 	$(PY) -m emu3_train.chat_eval runs/demo-chat/ckpt/latest --data $(CHAT_DIR)/eval --out runs/demo-chat/eval.json
+
+# DPO from the stage-1 demo weights: K = 8 samples per training caption scored by a k-NN reward model,
+# best vs worst pairs (reference log-probs stored), DPO, then the judge before/after -> runs/demo-dpo/
+post-train-demo-dpo: install
+	@test -e $(STAGE1_CKPT) || { echo "error: $(STAGE1_CKPT) does not exist; run make pretrain-stage1 first" >&2; \
+		exit 2; }
+	$(PY) -m emu3_train.data_pipelines.demo --out $(DEMO_DIR)
+	$(PY) -m emu3_train.data_pipelines.demo_reward --prompts $(DPO_DIR)/prompts/train.jsonl
+	$(PY) -m emu3_train.data_pipelines.make_preferences $(STAGE1_CKPT) --prompts $(DPO_DIR)/prompts/train.jsonl \
+		--out $(DPO_DIR)/pairs --grid 8x8 --k 8 --scorer 'emu3_train.data_pipelines.demo_reward:make_scorer()' \
+		--prompts-per-batch 32 --device cpu
+	$(PY) -m emu3_train.train experiment=demo_dpo data.path=$(DPO_DIR)/pairs checkpoint.init_from=$(STAGE1_CKPT) $(EXTRA)
+	$(PY) -m emu3_train.dpo_eval $(STAGE1_CKPT) runs/demo-dpo/ckpt/latest --train $(DEMO_DIR)/train \
+		--eval $(DEMO_DIR)/eval --out runs/demo-dpo
 
 bench: install
 	@for f in benchmarks/[!_]*.py; do echo "== $$f"; $(PY) $$f || exit 1; done

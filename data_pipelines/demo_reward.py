@@ -12,11 +12,15 @@ The score of a candidate is the distance-weighted k-NN probability (k = 10) of t
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
-from .demo import held_out_indices, load_images, parse_caption
+from .demo import caption, held_out_indices, load_images, parse_caption
 
 MAX_LEVEL = 16  # the digits' gray levels 0..16 are the demo codes
 NEIGHBOURS = 10
@@ -48,3 +52,29 @@ def make_scorer() -> Callable[[np.ndarray, str, np.ndarray | None], float]:
         return float(proba[column[digit]])
 
     return score
+
+
+def write_prompts(path: str | os.PathLike) -> int:
+    """The training captions, one ``{"prompt", "label", "index"}`` line per training image (the
+    demo's K = 8 samples per training caption); returns the count."""
+    images, labels = load_images()
+    train = np.setdiff1d(np.arange(len(images)), held_out_indices(len(images)))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"prompt": caption(labels[i]), "label": int(labels[i]), "index": int(i)})
+             for i in train]
+    path.write_text("\n".join(lines) + "\n")
+    return len(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m emu3_train.data_pipelines.demo_reward --prompts FILE``: write the DPO demo's prompts."""
+    parser = argparse.ArgumentParser(prog="python -m emu3_train.data_pipelines.demo_reward")
+    parser.add_argument("--prompts", required=True, help="output .jsonl of the training captions")
+    args = parser.parse_args(argv)
+    print(f"{write_prompts(args.prompts)} prompts -> {args.prompts}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
