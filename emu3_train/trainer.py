@@ -119,7 +119,11 @@ class Trainer:
             pack_window=cfg.data.pack_window, oversize_policy=cfg.data.oversize_policy,
             weights=weights, shard_group=cfg.data.shard_group, num_workers=cfg.data.num_workers,
             prefetch=cfg.data.prefetch, on_bad_sample=cfg.data.on_bad_sample, tasks=cfg.data.tasks,
-            caption_dropout=cfg.data.caption_dropout, task_weights=dict(cfg.loss.task_weights))
+            caption_dropout=cfg.data.caption_dropout, task_weights=dict(cfg.loss.task_weights),
+            require_ref_logp=self.dpo is not None and cfg.dpo.reference == "precomputed")
+        if self.dpo is not None and not self.loader.stream.pairs.any:
+            raise ConfigError(f"loss.objective=dpo but data.path={cfg.data.path} holds no preference pairs "
+                              "(make them with python -m emu3_train.data_pipelines.make_preferences)")
         self.checkpoints = CheckpointManager(
             self.ckpt_dir, async_save=cfg.checkpoint.async_save, keep_last=cfg.checkpoint.keep_last,
             keep_every=cfg.checkpoint.keep_every, is_rank0=self.is_rank0, on_durable=self._on_durable,

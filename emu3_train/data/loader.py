@@ -100,6 +100,8 @@ class PackedLoader:
         caption_dropout: fraction of t2i documents whose caption is replaced by the empty one
             (:func:`caption_dropped`), so the model learns the unconditional branch of
             classifier-free guidance.
+        require_ref_logp: a preference-pair document without a precomputed ``ref_logp`` is a
+            ``ShardError`` naming shard and key (DPO with ``dpo.reference=precomputed``).
     """
 
     def __init__(self, shards: ShardSet | Sequence[ShardSet], seq_len: int, micro_batch_size: int,
@@ -107,7 +109,8 @@ class PackedLoader:
                  pack_window: int = 256, oversize_policy: str = "skip", *,
                  weights: Sequence[float] | None = None, shard_group: int = 0, num_workers: int = 0,
                  prefetch: int = 2, on_bad_sample: str = "error", tasks: Sequence[str] = (),
-                 task_weights: Mapping[str, float] | None = None, caption_dropout: float = 0.0):
+                 task_weights: Mapping[str, float] | None = None, caption_dropout: float = 0.0,
+                 require_ref_logp: bool = False):
         for name, value in (("seq_len", seq_len), ("micro_batch_size", micro_batch_size),
                             ("dp_size", dp_size), ("pack_window", pack_window), ("prefetch", prefetch)):
             if not isinstance(value, (int, np.integer)) or value <= 0:
@@ -138,6 +141,7 @@ class PackedLoader:
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout={caption_dropout} must be in [0, 1]")
         self.caption_dropout = float(caption_dropout)
+        self.require_ref_logp = bool(require_ref_logp)
         unknown = sorted(set(task_weights or {}) - set(TASKS))
         if unknown:
             raise ValueError(f"task_weights has tasks {unknown}; expected some of {list(TASKS)}")
@@ -191,6 +195,10 @@ class PackedLoader:
             doc_weight[d] = float(self.task_weight[src.tasks[local]])
             if "ref_logp" in meta:
                 ref_logp[d] = float(meta["ref_logp"])
+            elif self.require_ref_logp and src.pair_role[local]:
+                raise ShardError(f"{src.describe(local)}: preference-pair document without 'ref_logp' "
+                                 "(dpo.reference=precomputed): run make_preferences without --no-reference, "
+                                 "or set dpo.reference=frozen")
         pairs = None
         if self.stream.pairs.any:
             partner = self.stream.pairs.partner

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from emu3_train.data.format import encode_sample
 from emu3_train.data.index import ShardError, build_index
@@ -134,3 +135,13 @@ def test_a_pair_longer_than_a_row_is_named_under_oversize_error(make_shards, voc
         PackedLoader(shards, seq_len=longest - 1, micro_batch_size=1, oversize_policy="error")
     with pytest.raises(ValueError, match="no document .or preference pair. of the stream fits seq_len"):
         PackedLoader(shards, seq_len=40, micro_batch_size=1)  # every pair too long: never an endless draw
+
+
+def test_a_pair_without_reference_logps_is_named_when_dpo_needs_them(make_shards, vocab):
+    docs = pair_docs(np.random.default_rng(5), vocab, 3, ref=False)
+    shards = ShardSet(make_shards(docs), vocab)
+    batch = next(PackedLoader(shards, seq_len=128, micro_batch_size=2))
+    assert torch.isnan(batch["ref_logp"]).all()  # the frozen-reference path does not need them
+    with pytest.raises(ShardError, match=r"shard-000000\.tar: sample 'doc-\d+': preference-pair document "
+                                         r"without 'ref_logp'.*dpo.reference=frozen"):
+        next(PackedLoader(shards, seq_len=128, micro_batch_size=2, require_ref_logp=True))
