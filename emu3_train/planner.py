@@ -175,7 +175,7 @@ def format_table(r: dict) -> str:
         "",
         "assumptions: FSDP2 over dp x cp, 16 B/param (fp32 weights, grads, 2 Adam moments); "
         "TP shards blocks and the vocab; sequence parallel divides norm/residual tensors by tp;",
-        f"CP divides rows by cp (allgather keeps full-row K/V); fused CE (<= 256 MiB logits chunk); "
+        f"CP divides rows by cp (allgather keeps full-row K/V); fused CE (<= 64 MiB logits chunk); "
         f"{CUDA_OVERHEAD_GIB:.0f} GiB fixed CUDA overhead, fragmentation not modelled;",
         f"attention FLOPs for {r['doc_len']:,}-token documents"
         + (" (one per row: an upper bound; --doc-len for packed rows)" if r["doc_len"] == r["seq_len"]

@@ -30,7 +30,7 @@ Bytes per GPU at the peak of a step, in parts (every number is for one rank of t
   64 MiB budget. ``flex`` and ``varlen`` (and flex under CP) keep O(s) only; ``auto`` is ``sdpa``
   whenever attention dropout is active, and off GPU without CP one mask-free SDPA per document (O(s)).
 - **loss**: the fused linear-CE never holds full logits. CPU reference: grad_hidden [t, H] (t = the rank's
-  tokens) and grad_weight [V/tp, H] saved in forward, an fp32 accumulator and one ≤256 MiB logits chunk
+  tokens) and grad_weight [V/tp, H] saved in forward, an fp32 accumulator and one ≤64 MiB logits chunk
   (twice) while it runs. CUDA Triton: the hidden states saved, fp32 grad_hidden + grad_weight in
   backward.
 - **transient**: the larger of the loss's working memory and backward's (the block being

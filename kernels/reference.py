@@ -34,9 +34,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-# caps a chunk's fp32 logits: 363 rows at V = 184,622. On the 2-core CPU, N = 2,048, H = 128, fwd + bwd:
-# 5.2 s at 128 rows, 4.6 s at 256, 4.5 s at 1,024 (90 rows, the old 64 MiB cap: 7.1 s before the buffer)
-CHUNK_LOGITS_BYTES = 256 * 2**20
+# caps a chunk's fp32 logits: 90 rows at V = 184,622. Larger chunks are faster on CPU (N = 2,048,
+# H = 128, fwd + bwd, 2-core CPU: 3.71 s at 90 rows, 3.40 at 136, 3.13 at 181, 3.06 at 363; N = 4,096,
+# H = 1,024: 37.2 s at 159 rows, 28.3 s at 363) but cost memory: benchmarks/fused_ce.py's peak (goal
+# <= 0.1 of naive's 9.11 GB) is 0.85 GB at this cap, 1.00 GB at 112 MiB and 1.16 GB at 256 MiB.
+CHUNK_LOGITS_BYTES = 64 * 2**20
 EXP_SAFE = 40.0  # |row max| up to which exp(logits) needs no shift (fp32 exp overflows at 88.7)
 STAT_KEYS = ("loss_text_sum", "loss_vision_sum", "tokens_text", "tokens_vision", "z_loss_sum")
 
