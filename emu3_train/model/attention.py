@@ -97,7 +97,7 @@ class AutoCore(nn.Module):
     """``model.attn_impl=auto``: dispatches each call to the sdpa, flex or varlen core
     (:func:`choose_attn_impl`), sdpa off CUDA on a packed layout as one call per document
     (:class:`SegmentSdpaCore`: no [B, 1, S, S] mask, no blocks between documents; on the 2-core CPU
-    the step of ``benchmarks/vs_hf.py`` spent ~15% of its time in the dense-mask path). All compute
+    the step of ``benchmarks/vs_hf.py`` spent ~20% of its time in the dense-mask path). All compute
     the same function; only speed differs."""
 
     def __init__(self, dropout: float = 0.0):
