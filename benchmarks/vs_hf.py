@@ -31,7 +31,7 @@ fastest micro-batch) vs the peer's fastest.
     python benchmarks/vs_hf.py --smoke               # seconds: tiny sizes, demo vocabulary, one process
     python benchmarks/vs_hf.py --device cuda --micro 1,2,4 --steps 5  # GPU: bf16, auto attention, Triton CE
     python benchmarks/vs_hf.py --profile             # + torch profiler tables of one step of each side
-    python benchmarks/vs_hf.py --ce-chunk-mib 256    # our CPU CE with 363-row logits chunks (default 64 MiB: 90)
+    python benchmarks/vs_hf.py --ce-chunk-mib 256    # our CPU CE in 363-row chunks (default 64 MiB: 90 rows)
 
 Ends with one JSON line: {"ours_<m>": {...}, "hf_<m>": {...}, "loss_ours", "loss_ours_w1",
 "loss_hf", "targets_ours", "targets_hf", "tokens_per_s_ratio", "peak_ratio", "matmul_tflops", ...}.
