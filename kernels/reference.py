@@ -8,11 +8,11 @@ are needed at the very start of backward anyway, so peak memory is the same. Whe
 needed (``torch.no_grad()`` or inputs that do not require grad) the gradient work is skipped.
 
 CPU speed (this is the CPU training path): one [chunk, V] logits buffer serves every chunk (a
-fresh one per chunk costs page faults comparable to the matmul); the row max is subtracted before
-``exp`` only when some ``|row max|`` exceeds ``EXP_SAFE`` (otherwise the shift changes only the
-rounding); for fp32 inputs the softmax's row scale and the one-hot term are applied to the [c, H]
+fresh one per chunk costs page faults comparable to the matmul); the row max is always subtracted
+before ``exp`` (skipping it for small maxima would read them on the host: a sync per chunk); for fp32
+inputs the softmax's row scale and the one-hot term are applied to the [c, H]
 products instead of the [c, V] block (``_fp32_grads``), so the block is touched by the three
-matmuls, ``amax``, ``exp_`` and ``sum`` only.
+matmuls, ``amax``, the shift, ``exp_`` and ``sum`` only.
 
 Precision: chunk logits, softmax, losses and the grad_weight accumulator are fp32 whatever the
 input dtype; the two gradient matmuls run in the input dtype (as a GPU kernel would); gradients
@@ -39,7 +39,6 @@ import torch.distributed as dist
 # H = 1,024: 37.2 s at 159 rows, 28.3 s at 363) but cost memory: benchmarks/fused_ce.py's peak (goal
 # <= 0.1 of naive's 9.11 GB) is 0.85 GB at this cap, 1.00 GB at 112 MiB and 1.16 GB at 256 MiB.
 CHUNK_LOGITS_BYTES = 64 * 2**20
-EXP_SAFE = 40.0  # |row max| up to which exp(logits) needs no shift (fp32 exp overflows at 88.7)
 STAT_KEYS = ("loss_text_sum", "loss_vision_sum", "tokens_text", "tokens_vision", "z_loss_sum")
 
 
@@ -113,10 +112,9 @@ def _forward_and_grads(hidden, weight, labels, loss_weight, vocab_start, tp_grou
         row_max = logits.amax(dim=1)
         if tp_group is not None:
             dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
-        if bool((row_max.abs() <= EXP_SAFE).all()):  # exp(logits) neither overflows nor vanishes:
-            row_max.zero_()  # the shift changes nothing but the rounding; skip that pass
-        else:
-            logits.sub_(row_max.unsqueeze(1))
+        # always shifted: skipping the pass when every |row max| <= 40 needs the rows' maxima on the
+        # host: a device sync per chunk, which the step must never make (test_step_collectives)
+        logits.sub_(row_max.unsqueeze(1))
         probs = logits.exp_()  # in place: unnormalized softmax
         sum_exp = probs.sum(dim=1)
         if tp_group is not None:
