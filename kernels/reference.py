@@ -160,18 +160,23 @@ def _forward_and_grads(hidden, weight, labels, loss_weight, vocab_start, tp_grou
 def _fp32_grads(probs, scale, minus_w, h, rows, y, weight, grad_hidden, grad_weight):
     """One fp32 chunk's gradients without touching the [c, V] block beyond the two matmuls:
     grad_logits = scale * probs + minus_w * onehot_y, so its row scale is applied to the [c, H]
-    products (rows of grad_hidden, rows of h for grad_weight) and the one-hot term adds rows of W
-    (to grad_hidden) and of h (to grad_weight's target rows). In fp32 the cancellation this moves
+    products (rows of grad_hidden, rows of h for grad_weight); the one-hot term adds rows of W to
+    grad_hidden and enters the block as one element a row for grad_weight. In fp32 the cancellation this moves
     out of the block costs nothing measurable; bf16/fp16 chunks keep it inside (the caller)."""
     if grad_hidden is not None:
         gh = (probs @ weight).mul_(scale.unsqueeze(1))
         gh.addcmul_(weight.index_select(0, y), minus_w.unsqueeze(1))
         grad_hidden.index_copy_(0, rows, gh)
     if grad_weight is not None:
+        # the one-hot term enters the block as minus_w / scale at (row, y) -- one element a row,
+        # deterministic -- and the row scale is applied to h: grad_weight += block^T (scale * h).
+        # (Adding it to the target rows of grad_weight instead needs a scatter over repeated ids:
+        # index_add_ takes ~100 ms for 512 rows on two CPU threads, and index_put_(accumulate=True)
+        # sums repeated ids in a varying order, which broke bitwise resume.) A row of scale 0 has
+        # w = 0, hence minus_w = 0: its h * scale is 0 and it adds nothing.
+        safe = torch.where(scale != 0, scale, torch.ones_like(scale))
+        probs.scatter_add_(1, y.unsqueeze(1), (minus_w / safe).unsqueeze(1))
         grad_weight.addmm_(probs.t(), h * scale.unsqueeze(1))  # accumulate without a [V, H] temporary
-        # rows off this rank add 0; index_put_ rather than index_add_, which on CPU with more than
-        # one thread takes ~100 ms for 512 rows of a [184,622, 128] tensor (index_put_: 8 ms)
-        grad_weight.index_put_((y,), h * minus_w.unsqueeze(1), accumulate=True)
 
 
 def chunked_linear_cross_entropy(
