@@ -53,6 +53,14 @@ def _rss_kib() -> int:
         return int(f.read().split()[1]) * resource.getpagesize() // 1024
 
 
+def _peak_rss_kib() -> int:
+    """This process's RSS high-water mark (VmHWM, KiB): it belongs to the address space, which exec
+    renews. Not ``ru_maxrss``: that survives exec, so a spawned rank starts from the forking pytest
+    process's peak, which in a full suite exceeds the rank's own and hid the shards' saving."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
 def _setup_growth(rank, world, overrides):
     cfg = compose([*BIG, *overrides])
     dims = layout_of(cfg, world)
@@ -64,7 +72,7 @@ def _setup_growth(rank, world, overrides):
     del warm
     before = _rss_kib()
     model, _ = build_model(cfg, 283, dims, mesh, torch.device("cpu"), rank)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    peak = _peak_rss_kib()
     n = sum(p.numel() for p in model.parameters())
     return {"growth_kib": peak - before, "params": n}
 
