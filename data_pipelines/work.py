@@ -48,6 +48,17 @@ def _env_int(env: Mapping[str, str], name: str) -> int | None:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
+def add_worker_args(parser, bad: str = "bad items") -> None:
+    """The flags every offline tool shares: ``--on-error`` (what to do with ``bad``), ``--rank`` and
+    ``--world-size`` (default: torchrun's or slurm's environment, see :func:`worker_identity`)."""
+    parser.add_argument("--on-error", choices=ON_ERROR, default="skip",
+                        help=f"{bad}: skip and count them (default), or stop with one error line")
+    parser.add_argument("--rank", type=int, default=None,
+                        help="this worker (default: torchrun/slurm env, else 0)")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="number of workers (default: torchrun/slurm env, else 1)")
+
+
 def worker_identity(rank: int | None = None, world_size: int | None = None,
                     env: Mapping[str, str] | None = None) -> Worker:
     """This process's :class:`Worker` (module docstring); ``ValueError`` on an impossible pair."""

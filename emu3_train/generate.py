@@ -50,7 +50,8 @@ from emu3_train.vq import ResizeSpec
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 
 
-def _pair(text: str, flag: str) -> tuple[int, int]:
+def parse_pair(text: str, flag: str) -> tuple[int, int]:
+    """``"AxB"`` of the command-line ``flag`` -> (A, B), both >= 1; else a one-line ValueError."""
     try:
         a, b = (int(x) for x in text.lower().split("x"))
     except ValueError:
@@ -69,7 +70,7 @@ class Grid:
         self.hw = self._resolve(args, vocab)
 
     def _from_size(self, size: str) -> tuple[int, int]:
-        w, h = _pair(size, "--size")
+        w, h = parse_pair(size, "--size")
         rh, rw = self.spec.resized_shape(h, w)
         if (rh, rw) != (h, w):
             print(f"--size {size}: the image processor resizes it to {rw}x{rh} pixels", file=sys.stderr)
@@ -77,7 +78,7 @@ class Grid:
 
     def _resolve(self, args, vocab) -> tuple[int, int]:
         if args.grid:
-            hw = _pair(args.grid, "--grid")
+            hw = parse_pair(args.grid, "--grid")
             if args.size and self._from_size(args.size) != hw:
                 raise ValueError(f"--grid {args.grid} and --size {args.size} ({self._from_size(args.size)} "
                                  "codes) disagree; give one of them")
