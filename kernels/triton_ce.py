@@ -230,6 +230,35 @@ def _dot_options(dtype: torch.dtype, cfg: TritonCEConfig) -> dict:
     }
 
 
+def row_lse(hidden, weight, rows, local_target, tp_group, cfg: TritonCEConfig):
+    """(lse, target_logit) fp32 [m] of the counted ``rows`` (m >= 1) over the full vocabulary:
+    ``_lse_kernel``'s per-split maxima, sums and target logits combined, then reduced over the tp
+    group (local_target -1: the target is on another rank's shard). Shared by the weighted loss and
+    the per-token CE (:mod:`.triton_token_ce`)."""
+    m, (v_local, h_size) = rows.numel(), weight.shape
+    v_tiles = triton.cdiv(v_local, cfg.block_v)
+    splits, tiles_per_split = _num_splits(cfg, m, v_tiles, hidden.device)
+    part = torch.empty(3, splits, m, dtype=torch.float32, device=hidden.device)
+    _lse_kernel[(triton.cdiv(m, cfg.block_n), splits)](
+        hidden, weight, rows, local_target, part[0], part[1], part[2],
+        m, v_local, h_size, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        tiles_per_split,
+        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
+        **_dot_options(hidden.dtype, cfg),
+    )
+    split_max, split_sum, split_target = part.unbind(0)
+    row_max = split_max.amax(dim=0)
+    if tp_group is not None:
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
+    sum_exp = (split_sum * torch.exp(split_max - row_max)).sum(dim=0)
+    target_logit = split_target.sum(dim=0)
+    if tp_group is not None:
+        packed = torch.stack((sum_exp, target_logit))
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=tp_group)
+        sum_exp, target_logit = packed[0], packed[1]
+    return row_max + sum_exp.log(), target_logit
+
+
 class TritonLinearCrossEntropy(torch.autograd.Function):
     """autograd.Function; use :func:`triton_linear_cross_entropy`.
 
@@ -241,7 +270,7 @@ class TritonLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, loss_weight, vocab_start, tp_group, ignore_index,
                 vision_start, z_loss, cfg):
         device = hidden.device
-        v_local, h_size = weight.shape
+        v_local = weight.shape[0]
         w_all = loss_weight.float()
         rows = ((labels != ignore_index) & (w_all > 0)).nonzero().squeeze(1)
         m = rows.numel()
@@ -257,27 +286,7 @@ class TritonLinearCrossEntropy(torch.autograd.Function):
         counts = torch.zeros(2, dtype=torch.int64, device=device)
         lse = torch.zeros(m, dtype=torch.float32, device=device)
         if m:
-            v_tiles = triton.cdiv(v_local, cfg.block_v)
-            splits, tiles_per_split = _num_splits(cfg, m, v_tiles, device)
-            part = torch.empty(3, splits, m, dtype=torch.float32, device=device)
-            _lse_kernel[(triton.cdiv(m, cfg.block_n), splits)](
-                hidden, weight, rows, local_target, part[0], part[1], part[2],
-                m, v_local, h_size, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-                tiles_per_split,
-                BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
-                **_dot_options(hidden.dtype, cfg),
-            )
-            split_max, split_sum, split_target = part.unbind(0)
-            row_max = split_max.amax(dim=0)
-            if tp_group is not None:
-                dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
-            sum_exp = (split_sum * torch.exp(split_max - row_max)).sum(dim=0)
-            target_logit = split_target.sum(dim=0)
-            if tp_group is not None:
-                packed = torch.stack((sum_exp, target_logit))
-                dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=tp_group)
-                sum_exp, target_logit = packed[0], packed[1]
-            lse = row_max + sum_exp.log()
+            lse, target_logit = row_lse(hidden, weight, rows, local_target, tp_group, cfg)
             ce = lse - target_logit
             z_term = z_loss * lse.square()
             loss = (w * (ce + z_term)).sum()

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import triton
 
-from .triton_ce import INTERPRETED, TritonCEConfig, _dot_options, _grad_kernel, _lse_kernel, _num_splits
+from .triton_ce import INTERPRETED, TritonCEConfig, _dot_options, _grad_kernel, row_lse
 
 __all__ = ["triton_linear_token_ce"]
 
@@ -23,7 +23,7 @@ class TritonLinearTokenCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, vocab_start, tp_group, ignore_index, cfg):
         device = hidden.device
-        v_local, h_size = weight.shape
+        v_local = weight.shape[0]
         rows = (labels != ignore_index).nonzero().squeeze(1)
         m = rows.numel()
         local_target = (labels.index_select(0, rows) - vocab_start).to(torch.int64)
@@ -31,27 +31,7 @@ class TritonLinearTokenCE(torch.autograd.Function):
         ce = torch.zeros(labels.shape[0], dtype=torch.float32, device=device)
         lse = torch.zeros(m, dtype=torch.float32, device=device)
         if m:
-            v_tiles = triton.cdiv(v_local, cfg.block_v)
-            splits, tiles_per_split = _num_splits(cfg, m, v_tiles, device)
-            part = torch.empty(3, splits, m, dtype=torch.float32, device=device)
-            _lse_kernel[(triton.cdiv(m, cfg.block_n), splits)](
-                hidden, weight, rows, local_target, part[0], part[1], part[2],
-                m, v_local, h_size, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-                tiles_per_split,
-                BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
-                **_dot_options(hidden.dtype, cfg),
-            )
-            split_max, split_sum, split_target = part.unbind(0)
-            row_max = split_max.amax(dim=0)
-            if tp_group is not None:
-                dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
-            sum_exp = (split_sum * torch.exp(split_max - row_max)).sum(dim=0)
-            target_logit = split_target.sum(dim=0)
-            if tp_group is not None:
-                packed = torch.stack((sum_exp, target_logit))
-                dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=tp_group)
-                sum_exp, target_logit = packed[0], packed[1]
-            lse = row_max + sum_exp.log()
+            lse, target_logit = row_lse(hidden, weight, rows, local_target, tp_group, cfg)
             ce.index_copy_(0, rows, lse - target_logit)
         ctx.save_for_backward(hidden, weight, rows, local_target, lse)
         ctx.meta = (tp_group, cfg)
