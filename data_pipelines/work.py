@@ -11,7 +11,7 @@ times ``SLURM_NTASKS`` when each array task also runs ``srun`` tasks); a plain s
 (``SLURM_PROCID``/``SLURM_NTASKS``); else worker 0 of 1. The device of ``--device auto`` is
 ``cuda:LOCAL_RANK`` (``SLURM_LOCALID`` under srun) when CUDA is present, else the CPU.
 
-    torchrun --nproc-per-node 8 -m emu3_train.data_pipelines.tokenize_images --input 'tars/{00000..00999}.tar' ...
+    torchrun --nproc-per-node 8 -m emu3_train.data_pipelines.tokenize_images --input 'tars/{000..999}.tar' ...
     sbatch --array=0-63 launch/tokenize.sbatch ...        # 64 array tasks x (srun over its GPUs)
 """
 

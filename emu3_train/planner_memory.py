@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass
 
 from emu3_train.config import TrainConfig
 from emu3_train.flops import layer_params
-from emu3_train.kernels.reference import CHUNK_LOGITS_BYTES
+from emu3_train.kernels.reference import chunk_rows
 from emu3_train.parallel.cp_attention import CHUNK_BUDGET_BYTES
 from emu3_train.parallel.dims import ParallelDims
 
@@ -187,7 +187,7 @@ def estimate_memory(cfg: TrainConfig, dims: ParallelDims, vocab_size: int, on_gp
         loss_saved = res * t * h
         loss_work = 4 * t * h + 4 * v_local * h + res * t * h + w_b * v_local * h
     else:
-        chunk = max(16, min(cfg.loss.chunk_size, CHUNK_LOGITS_BYTES // (4 * max(1, v_local))))
+        chunk = min(chunk_rows(cfg.loss.chunk_size, v_local), t)
         loss_saved = res * t * h + w_b * v_local * h  # grad_hidden, grad_weight
         loss_work = 4 * v_local * h + 2 * 4 * chunk * v_local
     recompute_work = none_layer - per_layer if m.recompute != "none" else 0

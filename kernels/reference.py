@@ -34,11 +34,21 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-# caps a chunk's fp32 logits: 90 rows at V = 184,622. Larger chunks are faster on CPU (N = 2,048,
-# H = 128, fwd + bwd, 2-core CPU: 3.71 s at 90 rows, 3.40 at 136, 3.13 at 181, 3.06 at 363; N = 4,096,
-# H = 1,024: 37.2 s at 159 rows, 28.3 s at 363) but cost memory: benchmarks/fused_ce.py's peak (goal
-# <= 0.1 of naive's 9.11 GB) is 0.85 GB at this cap, 1.00 GB at 112 MiB and 1.16 GB at 256 MiB.
+# caps a chunk's fp32 logits: 90 rows at V = 184,622. Larger chunks cost memory: benchmarks/fused_ce.py's
+# peak (goal <= 0.1 of naive's 9.11 GB at N = 4,096, H = 1,024) is 0.85 GB at this cap, 1.00 GB at
+# 112 MiB and 1.16 GB at 256 MiB. They are faster for the CE alone on CPU (N = 8,192, H = 128, fwd +
+# bwd, quiet 2-core CPU: 9.2 s at 90 rows, 8.9 at 256, 8.2 at 512) but not for the whole step
+# (benchmarks/vs_hf.py, 5,120-token rows: 4% more tokens/s at 512 rows for +0.3 GB; at 2,048
+# tokens none), so the cap stays.
 CHUNK_LOGITS_BYTES = 64 * 2**20
+
+
+def chunk_rows(chunk_size: int, v_local: int) -> int:
+    """Rows per logits chunk: ``chunk_size`` (tokens) lowered so that one chunk's fp32 logits stay
+    under ``CHUNK_LOGITS_BYTES``, never below 16 rows."""
+    return max(16, min(chunk_size, CHUNK_LOGITS_BYTES // (4 * max(1, v_local))))
+
+
 STAT_KEYS = ("loss_text_sum", "loss_vision_sum", "tokens_text", "tokens_vision", "z_loss_sum")
 
 
@@ -89,8 +99,7 @@ def _forward_and_grads(hidden, weight, labels, loss_weight, vocab_start, tp_grou
     grad_hidden = torch.zeros_like(hidden) if need_h else None
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device) if need_w else None
 
-    # at most CHUNK_LOGITS_BYTES of fp32 logits per chunk, whatever the vocabulary size
-    chunk_size = max(16, min(chunk_size, CHUNK_LOGITS_BYTES // (4 * max(1, v_local))))
+    chunk_size = chunk_rows(chunk_size, v_local)
     # One logits buffer for every chunk: a fresh [c, V] tensor per chunk is a fresh mmap on CPU
     # whose page faults cost as much as the matmul writing it (465 vs 255 ms at c = 512, V = 184,622).
     n_buf = min(chunk_size, rows_all.numel())
@@ -198,8 +207,7 @@ def chunked_linear_cross_entropy(
         hidden: [N, H] float. weight: [V_local, H], same dtype. labels: int [N] global ids.
         loss_weight: float [N]; no gradient flows to it.
         vision_start: targets with id >= this count as vision in the stats; None = all text.
-        chunk_size: tokens (rows) per logits chunk, lowered so that one chunk's fp32 logits stay
-            under ``CHUNK_LOGITS_BYTES``.
+        chunk_size: tokens (rows) per logits chunk, at most; :func:`chunk_rows` sets the rows.
 
     Returns:
         (weighted_loss_sum, stats): fp32 scalar ``sum w * (CE + z_loss * lse^2)`` over counted

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from .fused_linear_ce import _validate, resolve_impl
-from .reference import CHUNK_LOGITS_BYTES
+from .reference import chunk_rows
 
 __all__ = ["linear_token_cross_entropy"]
 
@@ -38,7 +38,7 @@ class ChunkedLinearTokenCE(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, vocab_start, tp_group, ignore_index, chunk_size):
         rows_all = (labels != ignore_index).nonzero().squeeze(1)
         v_local = weight.shape[0]
-        chunk = max(16, min(chunk_size, CHUNK_LOGITS_BYTES // (4 * max(1, v_local))))
+        chunk = chunk_rows(chunk_size, v_local)
         ce = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device)
         lse_all = torch.zeros(rows_all.numel(), dtype=torch.float32, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
