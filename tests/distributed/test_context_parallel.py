@@ -82,6 +82,12 @@ def loss_sum(model, hidden, batch):
     return total
 
 
+# AdamW divides by sqrt(v): an element whose gradient is near zero moves by up to ~lr (1e-3) whatever
+# its size, so gradients equal within 1e-5 can leave such an element 1e-5 apart after a few steps (1
+# in 6,144 reached 1.6e-5 on an AVX-512 CPU). 5% of lr still catches any wrong step.
+PARAM_ATOL = 5e-5
+
+
 def train(model, batch, forward, reduce):
     """Loss and gradients of step 1, then parameters after ``STEPS`` AdamW steps (as numpy)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
@@ -212,7 +218,7 @@ def test_cp_gradients_match_one_process(cp_run, reference):
 def test_cp_adamw_steps_match_one_process(cp_run, reference):
     for result in cp_run:
         for name, param in reference["params"].items():
-            np.testing.assert_allclose(result["params"][name], param, atol=1e-5, rtol=0, err_msg=name)
+            np.testing.assert_allclose(result["params"][name], param, atol=PARAM_ATOL, rtol=0, err_msg=name)
 
 
 def test_cp_never_attends_across_documents(cp_run):

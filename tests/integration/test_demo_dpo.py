@@ -130,6 +130,10 @@ def test_frozen_reference_equals_precomputed(stage1_pairs):
             "dpo/ntp_loss"]
     for step, (want, have) in enumerate(zip(got["precomputed"], got["frozen"]), 1):
         for k in keys:
+            if k == "dpo/accuracy" and step == 1:
+                # policy = reference at step 1: every margin is 0 up to rounding, so "margin > 0" is a
+                # coin toss of the matmul kernels (AVX2 and AVX-512 CPUs decide it differently)
+                continue
             assert math.isfinite(want[k]) and have[k] == pytest.approx(want[k], abs=1e-5), (step, k)
     assert got["frozen"][0]["dpo/reward_margin"] == pytest.approx(0.0, abs=1e-5)  # reference = init
     assert got["frozen"][-1]["dpo/reward_margin"] != pytest.approx(0.0, abs=1e-3)  # ...and stays frozen
