@@ -34,7 +34,7 @@ ours (its fastest micro-batch) vs the peer's fastest.
     python benchmarks/vs_hf.py --seq-len 2048 --image-side 32  # 256² images: the peer fits 2 sequences too
     python benchmarks/vs_hf.py --device cuda --micro 1,2,4 --steps 5  # GPU: bf16, auto attention, Triton CE
     python benchmarks/vs_hf.py --profile             # + torch profiler tables of one step of each side
-    python benchmarks/vs_hf.py --ce-rows 90          # our CPU CE in 512-row chunks (default: 90)
+    python benchmarks/vs_hf.py --ce-rows 512         # our CPU CE in 512-row chunks (default: 90)
 
 Ends with one JSON line: {"ours_<m>": {...}, "hf_<m>": {...}, "loss_ours", "loss_ours_w1",
 "loss_hf", "targets_ours", "targets_hf", "tokens_per_s_ratio", "peak_ratio", "matmul_tflops", ...}.
